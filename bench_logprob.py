@@ -1,0 +1,328 @@
+"""Benchmark: the lm_head + per-sequence log-prob + NPO loss, forward and backward, and one NPO
+training step with a cached versus a recomputed reference model.
+
+    python bench_logprob.py --out bench_logprob.md            # full grid (several minutes on 2 cores)
+    python bench_logprob.py --quick                           # V in {4096, 50257}, 2048 tokens, 1 repeat
+
+Variants, each computing L = npo_loss(logp, logp_ref, beta) from hidden (B, T, H), the lm_head
+weight (V, H) and labels, then L.backward():
+    plain           logits = hidden @ W.T; npo.sequence_logprob (materialises (B, T, V) in fp32)
+    fused-eager     npo.fused_sequence_logprob, eager chunk kernels, backward recomputes logits
+    fused-compiled  the same with the chunk kernels through torch.compile (compile time excluded)
+    fused-npo       npo.fused_npo_loss: chunks of whole sequences, gradients formed in forward
+    torch-lce       torch's F.linear_cross_entropy(..., reduction='none', chunked options) per-token
+                    NLL, summed per sequence
+All tokens after the first of each sequence are label tokens (128 per sequence), so the label-
+position selection of the fused paths saves nothing here: the table compares the kernels.
+
+Method. Every (variant, V, N) runs in a fresh Python process. It first runs the variant on a small
+problem (same V and H, 256 tokens) to warm up (and compile), checking there its loss and gradients
+against the plain path (column "check": largest norm-wise relative error); then it returns freed
+heap to the OS (malloc_trim), allocates the inputs, resets the kernel's peak-RSS counter (writes 5
+to /proc/self/clear_refs), reads VmRSS as the baseline, runs the timed steps, and reads VmHWM.
+"peak MB" = VmHWM - baseline: the most resident memory the step added above its inputs (the
+gradients it returns included). Time: wall time of one forward+backward, min and median over the
+repeats (--repeats, fewer when a variant exceeds --budget-s). On a shared machine use the minimum.
+
+The reference-step benchmark trains model.py's GPT (one process, the two modes interleaved):
+    recomputed: logp_ref = sequence_logprob(ref_model(x)) under no_grad, then the policy step
+    cached:     logp_ref from npo.precompute_ref_logprobs, computed once before the loop
+"""
+
+import argparse
+import copy
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import npo
+
+VARIANTS = ("plain", "fused-eager", "fused-compiled", "fused-npo", "torch-lce")
+TOKENS_PER_SEQUENCE = 128
+BETA = 0.1
+
+
+@dataclass
+class BenchConfig:
+    vocab_sizes: list[int] = field(default_factory=lambda: [4096, 50257])
+    tokens: list[int] = field(default_factory=lambda: [2048, 8192])  # label tokens per step
+    hidden: int = 768
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    chunk_size: int = npo.DEFAULT_CHUNK_SIZE
+    repeats: int = 3
+    budget_s: float = 40.0  # stop repeating a variant once its timed steps took this long
+    ref_step: bool = True
+    ref_step_repeats: int = 5
+    threads: int = 0  # torch threads in the workers; 0 = torch's default
+    quick: bool = False
+    out: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker: one variant, one size, in its own process
+
+
+def _read_status_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not found in /proc/self/status")
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def make_inputs(V: int, n_tokens: int, H: int, seed: int = 0):
+    """hidden (B, T, H), weight (V, H), labels (B, T) with n_tokens label tokens, logp_ref (B,)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = max(1, n_tokens // TOKENS_PER_SEQUENCE), TOKENS_PER_SEQUENCE + 1  # labels[:, 0] has no prediction
+    hidden = torch.randn(B, T, H, generator=g).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) * 0.05).requires_grad_(True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    logp_ref = -torch.rand(B, generator=g) * 20 - TOKENS_PER_SEQUENCE * 5
+    return hidden, weight, labels, logp_ref
+
+
+def run_variant(variant: str, hidden, weight, labels, logp_ref, chunk_size: int) -> torch.Tensor:
+    """Forward + backward of the NPO loss; returns the loss."""
+    if variant == "plain":
+        logp, _ = npo.sequence_logprob(F.linear(hidden, weight), labels)
+        loss = npo.npo_loss(logp, logp_ref, BETA)
+    elif variant in ("fused-eager", "fused-compiled"):
+        logp, _ = npo.fused_sequence_logprob(
+            hidden, weight, labels, chunk_size=chunk_size, compile=variant == "fused-compiled"
+        )
+        loss = npo.npo_loss(logp, logp_ref, BETA)
+    elif variant == "fused-npo":
+        loss = npo.fused_npo_loss(hidden, weight, labels, logp_ref, BETA, chunk_size=chunk_size, compile=False)
+    elif variant == "torch-lce":
+        B, T, H = hidden.shape
+        targets = npo.shift_labels(labels)  # (B, T)
+        nll = F.linear_cross_entropy(
+            hidden.reshape(B * T, H), weight, targets.reshape(B * T), reduction="none",
+            options=torch.nn.LinearCrossEntropyOptions(),
+        )  # (B * T,), 0 where ignored
+        loss = npo.npo_loss(-nll.view(B, T).sum(dim=1), logp_ref, BETA)
+    else:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    loss.backward()
+    return loss.detach()
+
+
+def _check_against_plain(variant: str, V: int, H: int, chunk_size: int) -> float:
+    """Warm-up run on a small problem; largest relative error of loss and grads vs the plain path."""
+    results = []
+    for name in ("plain", variant):
+        hidden, weight, labels, logp_ref = make_inputs(V, 2 * TOKENS_PER_SEQUENCE, H, seed=1)
+        loss = run_variant(name, hidden, weight, labels, logp_ref, chunk_size)
+        results.append((loss, hidden.grad, weight.grad))
+    return max(
+        ((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(results[1], results[0])
+    )
+
+
+def worker(spec: dict) -> dict:
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    V, N, H, variant, chunk = spec["V"], spec["N"], spec["H"], spec["variant"], spec["chunk_size"]
+    t0 = time.perf_counter()
+    check = _check_against_plain(variant, V, H, chunk)
+    warmup_s = time.perf_counter() - t0
+    _trim_heap()
+    hidden, weight, labels, logp_ref = make_inputs(V, N, H)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    baseline_kb = _read_status_kb("VmRSS")
+    times = []
+    while len(times) < spec["repeats"] and (not times or sum(times) < spec["budget_s"]):
+        hidden.grad = weight.grad = None
+        t = time.perf_counter()
+        run_variant(variant, hidden, weight, labels, logp_ref, chunk)
+        times.append(time.perf_counter() - t)
+    peak_kb = _read_status_kb("VmHWM") - baseline_kb
+    return {
+        "variant": variant, "V": V, "N": N, "H": H, "times": times, "peak_mb": peak_kb / 1024,
+        "check": check, "warmup_s": warmup_s, "threads": torch.get_num_threads(),
+    }
+
+
+def ref_step_worker(spec: dict) -> dict:
+    """One NPO step (forward, backward, AdamW) with cached vs recomputed reference log-probs."""
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    from model import GPT, GPTConfig  # the project's model
+
+    torch.manual_seed(0)
+    config = GPTConfig()  # vocab 4096, 4 layers, 256 wide, block 256
+    B, T = 8, 128
+    policy = GPT(config)
+    ref_model = copy.deepcopy(policy).eval()
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    ids = torch.randint(0, config.vocab_size, (B, T))
+    labels = ids.clone()
+    labels[:, : T // 4] = npo.IGNORE_INDEX  # question tokens
+    cached = npo.precompute_ref_logprobs(ref_model, [(ids, labels)])
+
+    def step(mode: str) -> float:
+        t = time.perf_counter()
+        if mode == "recomputed":
+            with torch.no_grad():
+                logp_ref, _ = npo.sequence_logprob(ref_model(ids), labels)
+        else:
+            logp_ref = cached
+        logp, _ = npo.sequence_logprob(policy(ids), labels)
+        loss = npo.npo_loss(logp, logp_ref, BETA)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - t
+
+    for mode in ("cached", "recomputed"):  # warm-up
+        step(mode)
+    times = {"cached": [], "recomputed": []}
+    for _ in range(spec["repeats"]):
+        for mode in ("cached", "recomputed"):  # interleaved: both see the same machine load
+            times[mode].append(step(mode))
+    return {"times": times, "B": B, "T": T, "config": vars(config), "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+def _run_subprocess(kind: str, spec: dict) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), f"--{kind}", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| variant | V | label tokens | time min (s) | time median (s) | time / plain | peak MB above inputs | memory / plain | check |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    plain = {(r["V"], r["N"]): r for r in rows if r.get("variant") == "plain" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['V']} | {r['N']} | error: {r['error']} | | | | | |")
+            continue
+        base = plain.get((r["V"], r["N"]))
+        t_min, t_med = min(r["times"]), statistics.median(r["times"])
+        t_ratio = f"{t_min / min(base['times']):.2f}" if base else "-"
+        m_ratio = f"{r['peak_mb'] / base['peak_mb']:.3f}" if base and base["peak_mb"] > 0 else "-"
+        lines.append(
+            f"| {r['variant']} | {r['V']} | {r['N']} | {t_min:.2f} | {t_med:.2f} | {t_ratio} | "
+            f"{r['peak_mb']:.0f} | {m_ratio} | {r['check']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def format_ref_step(res: dict) -> str:
+    if "error" in res:
+        return f"cached vs recomputed reference NPO step: error: {res['error']}"
+    c, r = res["times"]["cached"], res["times"]["recomputed"]
+    cfg = res["config"]
+    return (
+        f"One NPO training step (model.py GPT: {cfg['n_layer']} layers, width {cfg['n_embd']}, vocab "
+        f"{cfg['vocab_size']}; batch {res['B']} x {res['T']} tokens; forward, backward, AdamW), "
+        f"{len(c)} interleaved repeats:\n\n"
+        "| reference | time median (s) | time min (s) |\n|---|---:|---:|\n"
+        f"| recomputed every step | {statistics.median(r):.3f} | {min(r):.3f} |\n"
+        f"| cached (precompute_ref_logprobs) | {statistics.median(c):.3f} | {min(c):.3f} |\n\n"
+        f"recomputed / cached = {statistics.median(r) / statistics.median(c):.2f}x (medians), "
+        f"{min(r) / min(c):.2f}x (minima)"
+    )
+
+
+def _write_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench_logprob.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--worker"]:  # internal: one measurement in this fresh process
+        print(json.dumps(worker(json.loads(argv[1]))))
+        return 0
+    if argv[:1] == ["--ref-step-worker"]:
+        print(json.dumps(ref_step_worker(json.loads(argv[1]))))
+        return 0
+
+    d = BenchConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab-sizes", type=int, nargs="+", default=d.vocab_sizes)
+    p.add_argument("--tokens", type=int, nargs="+", default=d.tokens, help="label tokens per step")
+    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--variants", nargs="+", default=d.variants, choices=VARIANTS)
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size)
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed steps per variant (at most)")
+    p.add_argument("--budget-s", type=float, default=d.budget_s, help="stop repeating once the timed steps took this long")
+    p.add_argument("--no-ref-step", dest="ref_step", action="store_false", help="skip the cached-vs-recomputed step")
+    p.add_argument("--ref-step-repeats", type=int, default=d.ref_step_repeats)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="2048 tokens only, one repeat")
+    p.add_argument("--out", default=d.out, help="also write the markdown report to this file")
+    try:
+        cfg = BenchConfig(**vars(p.parse_args(argv)))
+    except SystemExit as e:
+        return int(e.code or 0)
+    if cfg.quick:
+        cfg.tokens, cfg.repeats, cfg.ref_step_repeats = [2048], 1, 3
+
+    rows = []
+    for V in cfg.vocab_sizes:
+        for N in cfg.tokens:
+            for variant in cfg.variants:
+                spec = {"variant": variant, "V": V, "N": N, "H": cfg.hidden, "chunk_size": cfg.chunk_size,
+                        "repeats": cfg.repeats, "budget_s": cfg.budget_s, "threads": cfg.threads}
+                t = time.perf_counter()
+                res = _run_subprocess("worker", spec)
+                res.setdefault("variant", variant), res.setdefault("V", V), res.setdefault("N", N)
+                rows.append(res)
+                status = res.get("error") or f"min {min(res['times']):.2f}s, peak {res['peak_mb']:.0f} MB"
+                print(f"[{time.perf_counter() - t:6.1f}s] {variant:15s} V={V:6d} N={N:5d}: {status}", file=sys.stderr, flush=True)
+
+    threads = next((r["threads"] for r in rows if "threads" in r), torch.get_num_threads())
+    report = [
+        f"# bench_logprob: NPO loss forward+backward, H = {cfg.hidden}, fp32, CPU, {threads} threads, "
+        f"torch {torch.__version__}, chunk_size = {cfg.chunk_size}",
+        "",
+        "Command: `python bench_logprob.py " + " ".join(argv) + "`",
+        "",
+        format_table(rows),
+    ]
+    if cfg.ref_step:
+        print("[ref-step] cached vs recomputed reference ...", file=sys.stderr, flush=True)
+        res = _run_subprocess("ref-step-worker", {"repeats": cfg.ref_step_repeats, "threads": cfg.threads})
+        report += ["", format_ref_step(res)]
+    text = "\n".join(report) + "\n"
+    print(text)
+    if cfg.out:
+        _write_atomic(cfg.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
