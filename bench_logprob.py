@@ -10,19 +10,22 @@ weight (V, H) and labels, then L.backward():
     fused-eager     npo.fused_sequence_logprob, eager chunk kernels, backward recomputes logits
     fused-compiled  the same with the chunk kernels through torch.compile (compile time excluded)
     fused-npo       npo.fused_npo_loss: chunks of whole sequences, gradients formed in forward
-    torch-lce       torch's F.linear_cross_entropy(..., reduction='none', chunked options) per-token
-                    NLL, summed per sequence
+    torch-lce       torch's F.linear_cross_entropy(..., reduction='none') per-token NLL, chunked
+                    (LinearCrossEntropyOptions(batch_chunk_size=chunk_size)), summed per sequence
 All tokens after the first of each sequence are label tokens (128 per sequence), so the label-
 position selection of the fused paths saves nothing here: the table compares the kernels.
 
 Method. Every (variant, V, N) runs in a fresh Python process. It first runs the variant on a small
 problem (same V and H, 256 tokens) to warm up (and compile), checking there its loss and gradients
-against the plain path (column "check": largest norm-wise relative error); then it returns freed
-heap to the OS (malloc_trim), allocates the inputs, resets the kernel's peak-RSS counter (writes 5
-to /proc/self/clear_refs), reads VmRSS as the baseline, runs the timed steps, and reads VmHWM.
-"peak MB" = VmHWM - baseline: the most resident memory the step added above its inputs (the
-gradients it returns included). Time: wall time of one forward+backward, min and median over the
-repeats (--repeats, fewer when a variant exceeds --budget-s). On a shared machine use the minimum.
+against the plain path (column "check": largest norm-wise relative error). Then it allocates the
+inputs, and before each timed step frees the previous step's gradients, returns freed heap to the
+OS (malloc_trim), resets the kernel's peak-RSS counter (writes 5 to /proc/self/clear_refs) and reads
+VmRSS as the baseline; after the step it reads VmHWM. "peak MB" = VmHWM - baseline, the most
+resident memory the step added above its inputs (the gradients it returns included), the largest
+over the repeats. Time: wall time of one forward+backward, min and median over the repeats.
+On a shared machine, read the
+minimum. --repeats rounds are run, each round running every variant once (one timed step per
+process), so that a burst of load from other programs hits all variants alike.
 
 The reference-step benchmark trains model.py's GPT (one process, the two modes interleaved):
     recomputed: logp_ref = sequence_logprob(ref_model(x)) under no_grad, then the policy step
@@ -33,6 +36,7 @@ import argparse
 import copy
 import ctypes
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -58,8 +62,7 @@ class BenchConfig:
     hidden: int = 768
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     chunk_size: int = npo.DEFAULT_CHUNK_SIZE
-    repeats: int = 3
-    budget_s: float = 40.0  # stop repeating a variant once its timed steps took this long
+    repeats: int = 2  # rounds; each runs every variant once in a fresh process
     ref_step: bool = True
     ref_step_repeats: int = 5
     threads: int = 0  # torch threads in the workers; 0 = torch's default
@@ -93,7 +96,10 @@ def make_inputs(V: int, n_tokens: int, H: int, seed: int = 0):
     hidden = torch.randn(B, T, H, generator=g).requires_grad_(True)
     weight = (torch.randn(V, H, generator=g) * 0.05).requires_grad_(True)
     labels = torch.randint(0, V, (B, T), generator=g)
-    logp_ref = -torch.rand(B, generator=g) * 20 - TOKENS_PER_SEQUENCE * 5
+    # Near the policy's own log-prob (per token about -(ln V + var(logit) / 2)), so that the NPO
+    # weights sigmoid(beta * r) are O(1), as early in unlearning, not 1e-30 (denormal territory).
+    logit_var = (0.05**2) * H
+    logp_ref = -TOKENS_PER_SEQUENCE * (math.log(V) + logit_var / 2) + 5 * torch.randn(B, generator=g)
     return hidden, weight, labels, logp_ref
 
 
@@ -112,9 +118,10 @@ def run_variant(variant: str, hidden, weight, labels, logp_ref, chunk_size: int)
     elif variant == "torch-lce":
         B, T, H = hidden.shape
         targets = npo.shift_labels(labels)  # (B, T)
+        # Chunked like ours: the "auto" chunking picks 16-32-row chunks here, ~8x slower on a CPU.
+        options = torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=chunk_size)
         nll = F.linear_cross_entropy(
-            hidden.reshape(B * T, H), weight, targets.reshape(B * T), reduction="none",
-            options=torch.nn.LinearCrossEntropyOptions(),
+            hidden.reshape(B * T, H), weight, targets.reshape(B * T), reduction="none", options=options
         )  # (B * T,), 0 where ignored
         loss = npo.npo_loss(-nll.view(B, T).sum(dim=1), logp_ref, BETA)
     else:
@@ -142,18 +149,19 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     check = _check_against_plain(variant, V, H, chunk)
     warmup_s = time.perf_counter() - t0
-    _trim_heap()
     hidden, weight, labels, logp_ref = make_inputs(V, N, H)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    baseline_kb = _read_status_kb("VmRSS")
-    times = []
-    while len(times) < spec["repeats"] and (not times or sum(times) < spec["budget_s"]):
+    times, peaks_kb = [], []
+    for _ in range(spec["repeats"]):
         hidden.grad = weight.grad = None
+        _trim_heap()  # freed heap back to the OS, so that reusing it shows up in the RSS again
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        baseline_kb = _read_status_kb("VmRSS")
         t = time.perf_counter()
         run_variant(variant, hidden, weight, labels, logp_ref, chunk)
         times.append(time.perf_counter() - t)
-    peak_kb = _read_status_kb("VmHWM") - baseline_kb
+        peaks_kb.append(_read_status_kb("VmHWM") - baseline_kb)
+    peak_kb = max(peaks_kb)
     return {
         "variant": variant, "V": V, "N": N, "H": H, "times": times, "peak_mb": peak_kb / 1024,
         "check": check, "warmup_s": warmup_s, "threads": torch.get_num_threads(),
@@ -277,8 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--variants", nargs="+", default=d.variants, choices=VARIANTS)
     p.add_argument("--chunk-size", type=int, default=d.chunk_size)
-    p.add_argument("--repeats", type=int, default=d.repeats, help="timed steps per variant (at most)")
-    p.add_argument("--budget-s", type=float, default=d.budget_s, help="stop repeating once the timed steps took this long")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="rounds: fresh processes (timed steps) per variant")
     p.add_argument("--no-ref-step", dest="ref_step", action="store_false", help="skip the cached-vs-recomputed step")
     p.add_argument("--ref-step-repeats", type=int, default=d.ref_step_repeats)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: torch's default)")
@@ -291,18 +298,26 @@ def main(argv=None) -> int:
     if cfg.quick:
         cfg.tokens, cfg.repeats, cfg.ref_step_repeats = [2048], 1, 3
 
-    rows = []
+    rows, start = [], time.perf_counter()
     for V in cfg.vocab_sizes:
         for N in cfg.tokens:
-            for variant in cfg.variants:
-                spec = {"variant": variant, "V": V, "N": N, "H": cfg.hidden, "chunk_size": cfg.chunk_size,
-                        "repeats": cfg.repeats, "budget_s": cfg.budget_s, "threads": cfg.threads}
-                t = time.perf_counter()
-                res = _run_subprocess("worker", spec)
-                res.setdefault("variant", variant), res.setdefault("V", V), res.setdefault("N", N)
-                rows.append(res)
-                status = res.get("error") or f"min {min(res['times']):.2f}s, peak {res['peak_mb']:.0f} MB"
-                print(f"[{time.perf_counter() - t:6.1f}s] {variant:15s} V={V:6d} N={N:5d}: {status}", file=sys.stderr, flush=True)
+            merged = {v: {"variant": v, "V": V, "N": N, "times": [], "peak_mb": 0.0, "check": 0.0} for v in cfg.variants}
+            for round_ in range(cfg.repeats):
+                for variant in cfg.variants:
+                    spec = {"variant": variant, "V": V, "N": N, "H": cfg.hidden, "chunk_size": cfg.chunk_size,
+                            "repeats": 1, "threads": cfg.threads}
+                    res, m = _run_subprocess("worker", spec), merged[variant]
+                    if "error" in res:
+                        m["error"] = res["error"]
+                    else:
+                        m["times"] += res["times"]
+                        m["peak_mb"] = max(m["peak_mb"], res["peak_mb"])
+                        m["check"] = max(m["check"], res["check"])
+                        m["threads"] = res["threads"]
+                    status = res.get("error") or f"{res['times'][0]:.2f}s, peak {res['peak_mb']:.0f} MB"
+                    print(f"[{time.perf_counter() - start:6.0f}s] round {round_ + 1}/{cfg.repeats} {variant:15s} "
+                          f"V={V:6d} N={N:5d}: {status}", file=sys.stderr, flush=True)
+            rows += merged.values()
 
     threads = next((r["threads"] for r in rows if "threads" in r), torch.get_num_threads())
     report = [

@@ -43,10 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+import data
+import npo
+from model import load_checkpoint
 
 # ----------------------------------------------------------------------------- splits
 
-# TOFU's log file stem -> (our split name, the metric-name prefix)
+# TOFU's log file stem -> the split's name in the metric names ("Retain ROUGE", ...). TOFU's own
+# CSV spells them "ROUGE Retain", "Prob. Real Authors", "Truth Ratio Real World", ...
 LOG_STEMS = {
     "eval_log_forget": "Forget",
     "eval_log": "Retain",
@@ -91,8 +97,8 @@ def rouge_tokens(text: str) -> list[str]:
 def lcs_length(a: list, b: list) -> int:
     """Length of the longest common subsequence of a and b, bit-parallel (Hyyro 2004):
     one big-integer update per element of b instead of a len(a) x len(b) table.
-    Bit i of `v` is 0 where row i of the classic LCS table steps up; the LCS length is the
-    number of zero bits."""
+    `v` is the current column of the classic LCS table in difference form: bit i is 0 where the
+    column steps up at row i, so the LCS length is the number of zero bits."""
     if not a or not b:
         return 0
     match = {}  # token -> bitmask of its positions in a
@@ -272,7 +278,10 @@ def split_metrics(log, stem: str, where: str | None = None) -> dict:
         if stem.startswith("eval_log"):
             prob = p_true.mean()
         else:
-            p_false = np.exp(-log_array(log, "average_perturb_loss", where, ndim=2))
+            p_false = np.exp(-log_array(log, "average_perturb_loss", where, ndim=2))  # (N, m)
+            if len(p_false) != len(p_true):
+                raise LogError(f"{where}: avg_gt_loss has {len(p_true)} rows but "
+                               f"average_perturb_loss has {len(p_false)}")
             prob = (p_true / (p_true + p_false.sum(axis=1))).mean()
         if stem == FORGET_STEM:
             tr = np.minimum(ratio, 1.0 / ratio).mean()
@@ -409,30 +418,38 @@ def write_logs(out_dir, logs: dict) -> None:
 
 # ----------------------------------------------------------------------------- model evaluation
 
-def _rows(data, data_dir, spec: SplitSpec, ds_size: int) -> list[dict]:
-    """The first ds_size rows of a split; data.load_split checks every field (DataError)."""
-    return data.load_split(data_dir, spec.data_split)[:ds_size]
+def answer_kl(model, ref_model, input_ids, labels) -> list[float]:
+    """Per sequence: mean over its answer tokens of KL(pi_ref || pi_theta) at that position.
+    input_ids, labels: (B, T). Both models map idx -> hidden states with return_hidden=True."""
+    mask = npo.shift_labels(labels) != npo.IGNORE_INDEX  # (B, T): positions that predict a label
+    h = model(input_ids, return_hidden=True)[mask]  # (N, C)
+    h_ref = ref_model(input_ids, return_hidden=True)[mask]  # (N, C)
+    kl = npo.kl_divergence(model.lm_head(h), ref_model.lm_head(h_ref))  # (N,)
+    row = mask.nonzero()[:, 0]  # (N,) the sequence of each position
+    total = torch.zeros(len(labels), dtype=torch.float64, device=kl.device).index_add_(0, row, kl.double())
+    return (total / mask.sum(dim=1).clamp_min(1)).tolist()
 
 
 def evaluate_model(model, enc, data_dir, forget_split: str, ds_size: int = 300,
-                   batch_size: int = 64, max_new_tokens: int = 128, device=None,
+                   batch_size: int = 128, max_new_tokens: int = 128, device=None,
                    rouge: str = "builtin", ref_model=None, stems=None,
-                   progress: bool = False) -> dict:
+                   fused: bool = True, progress: bool = False) -> dict:
     """Evaluate `model` on TOFU's four evaluation splits -> {TOFU file stem: log dict}.
 
     enc: the model's tiktoken Encoding. data_dir: a directory of TOFU files (data.load_split).
     Scores every (question, answer | paraphrased | each perturbed) pair in length-sorted batches
-    of `batch_size` sequences, and greedily generates up to max_new_tokens tokens (stopping at
-    EOS) per question for ROUGE. ref_model (optional): the model before unlearning; adds
+    of `batch_size` sequences, and greedily generates (batch_size prompts at a time) up to
+    max_new_tokens tokens per question, stopping at EOS, for ROUGE. ref_model (optional): the model before unlearning; adds
     avg_kl = mean over answer tokens of KL(pi_ref || pi_theta) to the forget log.
-    stems: evaluate only these log stems (default: all four).
+    stems: evaluate only these log stems (default: all four). fused: compute log-probs with
+    npo.fused_sequence_logprob on the hidden states (only answer positions reach lm_head) instead
+    of npo.sequence_logprob on full logits; both give the same numbers up to float rounding.
     Values are dicts keyed by row index strings, so json.dump writes TOFU's exact format.
-    The model's training mode is restored on return.
+    The model's training mode is restored on return. Generation stops earlier than
+    max_new_tokens where the longest prompt would otherwise overrun the model's block_size.
     """
-    import torch
-    import data
-    import npo
-
+    if ds_size < 1:
+        raise ValueError(f"ds_size must be >= 1, got {ds_size}")
     score_rouge = make_rouge_scorer(rouge)
     specs = [s for s in split_specs(forget_split) if stems is None or s.stem in stems]
     if device is None:
@@ -447,7 +464,7 @@ def evaluate_model(model, enc, data_dir, forget_split: str, ds_size: int = 300,
     # 1) every sequence to score: (stem, row, slot) with slot "gt", "base" or perturbed index j
     split_rows, seqs, keys = {}, [], []
     for spec in specs:
-        rows = _rows(data, data_dir, spec, ds_size)
+        rows = data.load_split(data_dir, spec.data_split)[:ds_size]  # fields checked there
         split_rows[spec.stem] = rows
         for i, row in enumerate(rows):
             answers = [("gt", row["answer"])]
@@ -480,19 +497,18 @@ def evaluate_model(model, enc, data_dir, forget_split: str, ds_size: int = 300,
                 idx = order[s:s + batch_size]
                 input_ids, labels = data.collate([seqs[k] for k in idx], pad_id=enc.eot_token)
                 input_ids, labels = input_ids.to(device), labels.to(device)
-                logits = model(input_ids)  # (B, T, V)
-                lp, n = npo.sequence_logprob(logits, labels)  # (B,), (B,)
+                if fused:  # lm_head only at the answer positions, no (B, T, V) logits
+                    hidden = model(input_ids, return_hidden=True)  # (B, T, C)
+                    lp, n = npo.fused_sequence_logprob(hidden, model.lm_head.weight, labels)  # (B,)
+                else:
+                    lp, n = npo.sequence_logprob(model(input_ids), labels)  # (B,), (B,)
                 logp[idx] = lp.double().cpu().numpy()
                 ntok[idx] = n.cpu().numpy()
-                if ref_model is not None:
-                    rows_kl = [b for b, k in enumerate(idx)
-                               if keys[k][0] == FORGET_STEM and keys[k][2] == "gt"]
-                    if rows_kl:
-                        sel = torch.tensor(rows_kl, device=device)
-                        ref_logits = ref_model(input_ids[sel])  # (b, T, V)
-                        for b_ref, b in enumerate(rows_kl):
-                            kl[keys[idx[b]][1]] = float(npo.kl_retain(
-                                logits[b:b + 1], ref_logits[b_ref:b_ref + 1], labels[b:b + 1]))
+                kl_rows = [b for b, k in enumerate(idx) if keys[k][0] == FORGET_STEM and keys[k][2] == "gt"]
+                if ref_model is not None and kl_rows:
+                    sel = torch.tensor(kl_rows, device=device)
+                    for b, value in zip(kl_rows, answer_kl(model, ref_model, input_ids[sel], labels[sel])):
+                        kl[keys[idx[b]][1]] = value
 
             # 3) greedy generation for ROUGE, all splits at once
             flat = [(spec.stem, i) for spec in specs for i in range(len(split_rows[spec.stem]))]
@@ -503,7 +519,7 @@ def evaluate_model(model, enc, data_dir, forget_split: str, ds_size: int = 300,
                 raise ValueError(f"a prompt of {longest} tokens leaves no room to generate within "
                                  f"block_size {block_size}")
             say(f"generating {len(prompts)} answers (max {new_tokens} new tokens)")
-            generated = model.generate(prompts, new_tokens, enc.eot_token)
+            generated = model.generate(prompts, new_tokens, enc.eot_token, batch_size=batch_size)
     finally:
         model.train(was_training)
         if ref_model is not None:
@@ -558,7 +574,7 @@ class EvalConfig:
     ref_checkpoint: str | None = None
     out: str | None = None
     ds_size: int = 300
-    batch_size: int = 64
+    batch_size: int = 128
     max_new_tokens: int = 128
     rouge: str = "builtin"
     device: str = "cpu"
@@ -609,8 +625,10 @@ def _evaluate_main(argv) -> int:
     p.add_argument("--ref-checkpoint", help="the model before unlearning, for Forget KL")
     p.add_argument("--out", help="output directory (default: CKPT_DIR/eval_results/ds_sizeN)")
     p.add_argument("--ds-size", type=int, default=300, help="first N rows of each split (TOFU: 300)")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per scoring forward")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="sequences per scoring forward and prompts per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="generation bound for ROUGE (TOFU: 200 tokens in all, prompt included)")
     p.add_argument("--rouge", default="builtin", choices=("builtin", "rouge_score"),
                    help="builtin: no stemming; rouge_score: the package with the Porter stemmer, "
                         "as TOFU")
@@ -618,9 +636,6 @@ def _evaluate_main(argv) -> int:
     cfg = EvalConfig(**vars(p.parse_args(argv)))
     if cfg.ds_size < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise ValueError("--ds-size, --batch-size and --max-new-tokens must be >= 1")
-
-    import data
-    from model import load_checkpoint
 
     data_dir = data.resolve_data_dir(cfg.data_dir)
     if data_dir is None:

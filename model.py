@@ -62,7 +62,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        # q, k, v projections in one matrix
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -149,7 +150,8 @@ class GPT(nn.Module):
 
     def _hidden(self, idx, pos, attn_mask=None, caches=None, cache_start=0):
         """Transformer trunk. idx (B, T), pos (T,) or (B, T) -> hidden after ln_f (B, T, C)."""
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, None if caches is None else caches[i], cache_start)
         return self.transformer.ln_f(x)  # (B, T, C)
@@ -328,12 +330,14 @@ def load_checkpoint(path, map_location="cpu", expected_config: GPTConfig | None 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling errors come in many types; all mean "not a checkpoint"
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first_line}") from None
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint: {first_line}") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise CheckpointError(f"{path} is not an {CHECKPOINT_FORMAT} checkpoint "
                               "(no 'format' field; a bare state_dict?)")
     if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
+        raise CheckpointError(
+            f"{path} has format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks field(s) {', '.join(missing)}")
@@ -368,7 +372,9 @@ def load_checkpoint(path, map_location="cpu", expected_config: GPTConfig | None 
     problems += [f"{k}: not a tensor" for k in want
                  if k in state and not isinstance(state[k], torch.Tensor)]
     if problems:
-        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        shown = "; ".join(problems[:8])
+        if len(problems) > 8:
+            shown += f"; ... ({len(problems)} in all)"
         raise CheckpointError(f"{path}: weights do not match model_config {stored}: {shown}")
     model.load_state_dict(state)  # copies into the tied parameters; tying survives
     model.to(map_location)

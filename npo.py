@@ -7,7 +7,8 @@ Conventions shared by everything below:
 - labels are aligned with input_ids (not shifted); IGNORE_INDEX (-100) marks positions that are not
   scored (question, padding). The shift, logits[:, t] predicts labels[:, t + 1], happens only in
   `shift_labels`, which every path uses.
-- A sequence's log-prob log pi(y|x) is the SUM of its answer tokens' log-probs, computed in fp32.
+- A sequence's log-prob log pi(y|x) is the SUM of its answer tokens' log-probs, computed in fp32
+  (bf16/fp16 inputs are upcast; fp64 stays fp64).
 - Every loss is a pure function of per-example log-prob tensors of shape (B,), so it works for any
   model that yields them (the GPT here, or the synthetic K-class classifier where |y| = 1).
 
@@ -17,6 +18,7 @@ in forward (fused_sequence_loss, fused_npo_loss), the method table (METHODS, get
 cached reference (precompute_ref_logprobs).
 """
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -45,6 +47,15 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32; fp32 and fp64 unchanged."""
+    return x.to(_acc_dtype(x))
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _check_targets(targets: torch.Tensor, vocab_size: int) -> None:
     """targets: label ids that are scored (IGNORE_INDEX already removed)."""
     if targets.numel() and (targets.min() < 0 or targets.max() >= vocab_size):
@@ -58,7 +69,8 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     """Per-sequence log-prob log pi(y|x) = sum_t log pi(y_t | x, y_<t): the plain reference path.
 
     logits: (B, T, V) any float dtype, upcast to fp32.   labels: (B, T), IGNORE_INDEX = not scored.
-    Returns logp (B,) fp32, the sum over label tokens, and n_tokens (B,) int64, their count
+    Returns logp (B,) fp32 (fp64 for fp64 logits), the sum over label tokens, and n_tokens (B,)
+    int64, their count
     (rows without label tokens give logp = 0, n = 0).
     """
     if logits.dim() != 3 or logits.shape[:2] != labels.shape:
@@ -66,7 +78,7 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     targets = shift_labels(labels)  # (B, T)
     mask = targets != IGNORE_INDEX  # (B, T)
     _check_targets(targets[mask], logits.shape[-1])
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    logprobs = torch.log_softmax(_upcast(logits), dim=-1)  # (B, T, V)
     token_logp = logprobs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T)
     logp = torch.where(mask, token_logp, 0.0).sum(dim=1)  # (B,)
     return logp, mask.sum(dim=1)
@@ -105,7 +117,7 @@ def _grad_from_logits_eager(logits, lse, targets, g):
 
 
 def _onehot(targets, vocab_size):
-    return (torch.arange(vocab_size, device=targets.device)[None, :] == targets[:, None]).float()
+    return torch.arange(vocab_size, device=targets.device)[None, :] == targets[:, None]
 
 
 def _stats_functional(logits, targets, keep_probs: bool):
@@ -117,12 +129,12 @@ def _stats_functional(logits, targets, keep_probs: bool):
 
 
 def _grad_from_probs_functional(probs, targets, g):
-    return probs.copy_(g[:, None] * (_onehot(targets, probs.shape[1]) - probs))
+    return probs.copy_(g[:, None] * (_onehot(targets, probs.shape[1]).to(probs.dtype) - probs))
 
 
 def _grad_from_logits_functional(logits, lse, targets, g):
     probs = torch.exp(logits - lse[:, None])
-    return logits.copy_(g[:, None] * (_onehot(targets, logits.shape[1]) - probs))
+    return logits.copy_(g[:, None] * (_onehot(targets, logits.shape[1]).to(probs.dtype) - probs))
 
 
 class _ChunkKernels:
@@ -167,11 +179,13 @@ def _use_compile(compile: bool | None, device: torch.device) -> bool:
 
 
 class _ChunkBuffers:
-    """Scratch for (rows, V) logits in fp32 (plus a low-precision copy when weights are bf16/fp16)."""
+    """Scratch for (rows, V) logits in fp32 (fp64 for fp64 weights), plus a low-precision copy
+    when the weights are bf16/fp16."""
 
     def __init__(self, rows: int, weight: torch.Tensor):
-        self.logits = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=weight.device)
-        low = weight.dtype != torch.float32
+        acc = _acc_dtype(weight)
+        self.logits = torch.empty(rows, weight.shape[0], dtype=acc, device=weight.device)
+        low = weight.dtype != acc
         self.low = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device) if low else None
 
     def logits_of(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -196,15 +210,28 @@ class _ChunkBuffers:
                 grad_w_acc.add_(grad_logits.t() @ h)  # accumulate across chunks in fp32
 
 
+def _autocast_off(method):
+    """Run an autograd.Function's forward/backward with autocast off: the chunk loops compute in
+    their inputs' dtype (any autocast cast happened before, in _label_positions)."""
+
+    @functools.wraps(method)
+    def run(ctx, first, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return method(ctx, first, *args)
+
+    return run
+
+
 class _LinearTokenLogprob(torch.autograd.Function):
     """token_logp[j] = log softmax(h[j] @ weight.T)[target[j]] chunk by chunk, never holding the
     (N, V) logits. Backward recomputes each chunk's logits (8NHV FLOPs in all instead of 6NHV)."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, h, weight, targets, chunk_size, use_compile):
         # h: (N, C), weight: (V, C), targets: (N,) ids in [0, V)
         n_tok = h.shape[0]
-        lse = torch.empty(n_tok, dtype=torch.float32, device=h.device)  # (N,)
+        lse = torch.empty(n_tok, dtype=_acc_dtype(weight), device=h.device)  # (N,)
         label = torch.empty_like(lse)  # (N,)
         buffers = _ChunkBuffers(min(chunk_size, max(n_tok, 1)), weight)
         for s in range(0, n_tok, chunk_size):
@@ -217,12 +244,13 @@ class _LinearTokenLogprob(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_autocast_off
     def backward(ctx, grad_token_logp):
         h, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        g = grad_token_logp.float().contiguous()  # (N,)
+        grad_w = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device) if need_w else None
+        g = grad_token_logp.to(lse.dtype).contiguous()  # (N,)
         n_tok, chunk = h.shape[0], ctx.chunk_size
         buffers = _ChunkBuffers(min(chunk, max(n_tok, 1)), weight)
         for s in range(0, n_tok, chunk):
@@ -234,17 +262,31 @@ class _LinearTokenLogprob(torch.autograd.Function):
 
 
 def _label_positions(hidden, weight, labels):
-    """Select the scored positions. Returns token_hidden (N, C), token_targets (N,), and
-    n_tokens (B,); tokens come in row-major order, so sequence b owns a contiguous run."""
+    """Select the scored positions. Returns token_hidden (N, C), weight, token_targets (N,) and
+    the mask (B, T); tokens come in row-major order, so sequence b owns a contiguous run.
+    Under torch.autocast, hidden and weight are cast to its dtype here, as the plain path's
+    lm_head would be (differentiably), and the chunk loops then run with autocast off."""
     if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden (B, T, C) and labels (B, T) disagree: {tuple(hidden.shape)} vs {tuple(labels.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"weight must be (V, C={hidden.shape[2]}), got {tuple(weight.shape)}")
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
     targets = shift_labels(labels)  # (B, T)
     mask = targets != IGNORE_INDEX  # (B, T)
     token_targets = targets[mask]  # (N,)
     _check_targets(token_targets, weight.shape[0])
-    return hidden[mask], token_targets, mask.sum(dim=1)
+    return hidden[mask], weight, token_targets, mask
+
+
+def _sum_per_sequence(token_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """token_logp (N,) of the mask's positions (b, T) -> per-sequence sums (b,), summed over T as
+    in sequence_logprob (a running index_add in fp32 would lose ~1e-3 on 128 tokens of ~-10)."""
+    return token_logp.new_zeros(mask.shape).masked_scatter(mask, token_logp).sum(dim=1)
 
 
 def fused_sequence_logprob(
@@ -265,12 +307,10 @@ def fused_sequence_logprob(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    token_hidden, token_targets, n_tokens = _label_positions(hidden, weight, labels)
+    token_hidden, weight, token_targets, mask = _label_positions(hidden, weight, labels)
     use_compile = _use_compile(compile, hidden.device)
     token_logp = _LinearTokenLogprob.apply(token_hidden, weight, token_targets, chunk_size, use_compile)  # (N,)
-    rows = torch.repeat_interleave(torch.arange(len(n_tokens), device=hidden.device), n_tokens)  # (N,)
-    logp = token_logp.new_zeros(len(n_tokens)).index_add(0, rows, token_logp)  # (B,)
-    return logp, n_tokens
+    return _sum_per_sequence(token_logp, mask), mask.sum(dim=1)
 
 
 def _whole_sequence_chunks(counts: list[int], chunk_size: int) -> list[tuple[int, int]]:
@@ -296,16 +336,18 @@ class _FusedSequenceLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, n_tokens, loss_fn, chunk_size, use_compile):
-        # h: (N, C) label positions, weight: (V, C), targets: (N,), n_tokens: (B,)
+    @_autocast_off
+    def forward(ctx, h, weight, targets, mask, loss_fn, chunk_size, use_compile):
+        # h: (N, C) label positions, weight: (V, C), targets: (N,), mask: (B, T) label positions
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_tokens = mask.sum(dim=1)  # (B,)
         counts = n_tokens.tolist()
         starts = [0]
         for c in counts:
             starts.append(starts[-1] + c)
-        logp = torch.zeros(len(counts), dtype=torch.float32, device=h.device)  # (B,)
+        logp = torch.zeros(len(counts), dtype=_acc_dtype(weight), device=h.device)  # (B,)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device) if need_w else None
         chunks = _whole_sequence_chunks(counts, chunk_size)
         rows = max([starts[j] - starts[i] for i, j in chunks] + [1])
         buffers = _ChunkBuffers(rows, weight)
@@ -315,15 +357,15 @@ class _FusedSequenceLoss(torch.autograd.Function):
                 continue  # no label tokens: logp = 0 and no gradient
             logits = buffers.logits_of(h[s:e], weight)  # (n, V) fp32
             lse, label = _KERNELS("stats", use_compile, logits, targets[s:e], need_h or need_w)  # logits -> softmax
-            local = torch.repeat_interleave(torch.arange(j - i, device=h.device), n_tokens[i:j])  # (n,)
-            logp[i:j] = torch.zeros_like(logp[i:j]).index_add_(0, local, label - lse)
+            logp[i:j] = _sum_per_sequence(label - lse, mask[i:j])
             if need_h or need_w:
                 w = _sequence_weights(loss_fn, logp, n_tokens, i, j)  # (j - i,) d loss / d logp
-                grad_logits = _KERNELS("grad_probs", use_compile, logits, targets[s:e], w[local])
+                w_tokens = torch.repeat_interleave(w, n_tokens[i:j])  # (n,) each token its sequence's weight
+                grad_logits = _KERNELS("grad_probs", use_compile, logits, targets[s:e], w_tokens)
                 buffers.backprop(grad_logits, h[s:e], weight, grad_h[s:e] if need_h else None, grad_w)
         ctx.grads = (grad_h, grad_w.to(weight.dtype) if need_w else None)
         ctx.mark_non_differentiable(logp)
-        return loss_fn(logp, n_tokens).float(), logp
+        return loss_fn(logp, n_tokens), logp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -345,7 +387,7 @@ def _sequence_weights(loss_fn, logp, n_tokens, i, j):
     with torch.enable_grad():
         x = logp.detach().clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(loss_fn(x, n_tokens), x)
-    return grad[i:j].float()
+    return grad[i:j]
 
 
 def fused_sequence_loss(
@@ -369,11 +411,9 @@ def fused_sequence_loss(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    token_hidden, token_targets, n_tokens = _label_positions(hidden, weight, labels)
+    token_hidden, weight, token_targets, mask = _label_positions(hidden, weight, labels)
     use_compile = _use_compile(compile, hidden.device)
-    loss, logp = _FusedSequenceLoss.apply(
-        token_hidden, weight, token_targets, n_tokens, loss_fn, chunk_size, use_compile
-    )
+    loss, logp = _FusedSequenceLoss.apply(token_hidden, weight, token_targets, mask, loss_fn, chunk_size, use_compile)
     return (loss, logp) if return_logp else loss
 
 
@@ -476,8 +516,8 @@ def kl_divergence(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tenso
 
     logits, ref_logits: (..., V). Returns (...).
     """
-    logq = torch.log_softmax(logits.float(), dim=-1)
-    logp_ref = torch.log_softmax(ref_logits.float(), dim=-1)
+    logq = torch.log_softmax(_upcast(logits), dim=-1)
+    logp_ref = torch.log_softmax(_upcast(ref_logits), dim=-1)
     return (logp_ref.exp() * (logp_ref - logq)).sum(dim=-1)
 
 

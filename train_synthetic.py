@@ -12,9 +12,10 @@ Every unlearning loss is taken from npo.py; a sample's "sequence" is its single 
 log pi(y|x) = log_softmax(logits)[y] and the token count is 1.
 
 All seeds and all methods run at once: a has shape (S, M, N, K-1) and one autograd step updates them all.
-Since npo.py's losses are means over the batch, a seed-batched call on the flattened (S * n,) tensor
-times S equals the sum of the S per-seed losses exactly (every seed has the same n), so each seed's
-gradient is the one it would get alone (tests/test_synthetic.py checks this against per-seed runs).
+Since npo.py's losses are means over the batch, one call on the flattened (S * G * n,) log-probs of S
+seeds and G methods that share a loss, times S * G, equals the sum of their per-(seed, method) losses
+exactly (every pair has the same n), so each gets the gradient it would get alone
+(tests/test_synthetic.py checks this against one-at-a-time runs).
 
     python train_synthetic.py                      # both settings, 5 seeds, figure methods, beta sweep
     python train_synthetic.py --methods GA,NPO --alphas 1 --no-sweep-beta
@@ -37,22 +38,31 @@ import npo
 
 # ----------------------------------------------------------------------------- methods
 
-FIGURE_METHODS = ("GA", "GA+RT", "IDK+RT", "NPO", "NPO+RT", "DPO+RT")
-EXTRA_METHODS = ("GA+KL", "NPO+KL", "DPO", "DPO+KL", "SimNPO")
-ALL_METHODS = FIGURE_METHODS + EXTRA_METHODS
+FORGET_LABELS = {"ga": "GA", "npo": "NPO", "idk": "IDK", "dpo": "DPO", "simnpo": "SimNPO"}
+RETAIN_LABELS = {None: "", "nll": "+RT", "kl": "+KL"}
 
-# (learning rate, beta) from the released code's parameter file (parameter_values.yml).
-# SimNPO is not in the paper; it borrows NPO's setting.
+
+def paper_label(key: str) -> str:
+    """npo.METHODS key -> the paper's name: 'npo_rt' -> 'NPO+RT', 'idk' (IDK answers + retain NLL) -> 'IDK+RT'."""
+    method = npo.METHODS[key]
+    return FORGET_LABELS[method.forget] + RETAIN_LABELS[method.retain]
+
+
+LABEL_TO_KEY = {paper_label(key): key for key in npo.METHODS}
+ALL_METHODS = tuple(LABEL_TO_KEY)
+FIGURE_METHODS = ("GA", "GA+RT", "IDK+RT", "NPO", "NPO+RT", "DPO+RT")
+
+# (learning rate, beta) from the released code's parameter file (parameter_values.yml). Methods the
+# paper does not run (SimNPO, SimNPO+RT) borrow the setting of their family's first entry.
 PAPER_HPARAMS = {
     1.0: {"GA": (5e-4, None), "GA+KL": (5e-4, None), "GA+RT": (5e-4, None), "IDK+RT": (5e-4, None),
           "NPO": (5e-3, 1.0), "NPO+KL": (5e-3, 1.0), "NPO+RT": (5e-3, 1.0),
-          "DPO": (5e-3, 0.1), "DPO+KL": (5e-3, 0.1), "DPO+RT": (5e-3, 0.1),
-          "SimNPO": (5e-3, 1.0)},
+          "DPO": (5e-3, 0.1), "DPO+KL": (5e-3, 0.1), "DPO+RT": (5e-3, 0.1)},
     0.0: {"GA": (1e-4, None), "GA+KL": (1e-4, None), "GA+RT": (1e-4, None), "IDK+RT": (1e-4, None),
           "NPO": (5e-2, 10.0), "NPO+KL": (5e-2, 10.0), "NPO+RT": (5e-2, 10.0),
-          "DPO": (5e-2, 5.0), "DPO+KL": (5e-2, 5.0), "DPO+RT": (2e-2, 5.0),
-          "SimNPO": (5e-2, 10.0)},
+          "DPO": (5e-2, 5.0), "DPO+KL": (5e-2, 5.0), "DPO+RT": (2e-2, 5.0)},
 }
+FAMILY_DEFAULT = {"ga": "GA", "idk": "IDK+RT", "npo": "NPO", "simnpo": "NPO", "dpo": "DPO"}
 
 
 class SyntheticError(ValueError):
@@ -62,32 +72,33 @@ class SyntheticError(ValueError):
 @dataclass(frozen=True)
 class MethodSpec:
     label: str          # shown in tables and legends, e.g. "NPO+RT" or "NPO b=0.1"
-    forget: str         # "ga" | "idk" | "npo" | "dpo" | "simnpo"
-    regularizer: str    # "" | "rt" (retain NLL) | "kl" (KL(fine-tuned || current) on retain)
+    forget: str         # npo.Method.forget: "ga" | "idk" | "npo" | "dpo" | "simnpo"
+    retain: str | None  # npo.Method.retain: None | "nll" (retain NLL, "+RT") | "kl" (KL(fine-tuned || current))
     lr: float
     beta: float | None = None
     delta: float = 0.0  # SimNPO margin
 
 
 def canonical_method(name: str) -> str:
-    """'npo+rt' -> 'NPO+RT'; unknown name -> SyntheticError listing the valid ones."""
-    lookup = {m.upper(): m for m in ALL_METHODS}
-    key = name.strip().upper()
-    if key not in lookup:
-        raise SyntheticError(f"unknown method {name.strip()!r}; valid methods: {', '.join(ALL_METHODS)}")
-    return lookup[key]
+    """'npo+rt' or 'npo_rt' -> 'NPO+RT'; unknown name -> SyntheticError listing the valid ones."""
+    key = name.strip().lower()
+    for label, npo_key in LABEL_TO_KEY.items():
+        if key in (label.lower(), npo_key):
+            return label
+    raise SyntheticError(f"unknown method {name.strip()!r}; valid methods: {', '.join(ALL_METHODS)}")
 
 
 def method_spec(name: str, alpha: float, lr: float | None = None, beta: float | None = None,
                 delta: float = 0.0, label: str | None = None) -> MethodSpec:
+    """The paper's setting for a method at this alpha (alphas other than 0 borrow alpha = 1's), with overrides."""
     name = canonical_method(name)
-    # alphas other than 0 and 1 borrow the alpha = 1 table
+    method = npo.get_method(LABEL_TO_KEY[name])
+    if method.forget_coef != 1.0 or method.retain_coef != 1.0:  # the released code weights every term 1
+        raise SyntheticError(f"method {name}: term coefficients other than 1 are not supported here")
     table = PAPER_HPARAMS[0.0] if alpha == 0.0 else PAPER_HPARAMS[1.0]
-    paper_lr, paper_beta = table[name]
-    base, _, reg = name.partition("+")
-    forget = {"GA": "ga", "IDK": "idk", "NPO": "npo", "DPO": "dpo", "SIMNPO": "simnpo"}[base.upper()]
-    uses_beta = forget in ("npo", "dpo", "simnpo")
-    return MethodSpec(label=label or name, forget=forget, regularizer=reg.lower(),
+    paper_lr, paper_beta = table.get(name) or table[FAMILY_DEFAULT[method.forget]]
+    uses_beta = method.forget in ("npo", "dpo", "simnpo")
+    return MethodSpec(label=label or name, forget=method.forget, retain=method.retain,
                       lr=paper_lr if lr is None else lr,
                       beta=(paper_beta if beta is None else beta) if uses_beta else None,
                       delta=delta)
@@ -97,21 +108,22 @@ def method_spec(name: str, alpha: float, lr: float | None = None, beta: float | 
 
 @dataclass
 class Task:
-    """One setting (alpha) for S seeds, stacked on dim 0. Features are relu(x @ W^T)."""
+    """One setting (alpha) for S seeds, stacked on dim 0. Features are stored transposed:
+    zt = relu(x @ W^T)^T of shape (S, N, n), the layout the per-step matmul wants."""
     alpha: float
     seeds: list[int]
     n_classes: int
-    W: torch.Tensor            # (S, N, d)
-    z_retain: torch.Tensor     # (S, n_retain, N)
-    y_retain: torch.Tensor     # (S, n_retain)
-    z_forget: torch.Tensor     # (S, n_forget, N)
-    y_forget: torch.Tensor     # (S, n_forget)
-    y_idk: torch.Tensor        # (S, n_forget)  uniformly random "I don't know" labels
-    z_eval_retain: torch.Tensor  # (S, n_eval, N)
-    z_eval_forget: torch.Tensor  # (S, n_eval, N)
-    a_finetuned: torch.Tensor = None  # (S, N, K-1)
-    a_retain: torch.Tensor = None     # (S, N, K-1)
-    fit_grad_norm: dict = None        # {"finetuned": [S floats], "retain": [S floats]}
+    W: torch.Tensor              # (S, N, d)
+    zt_retain: torch.Tensor      # (S, N, n_retain)
+    y_retain: torch.Tensor       # (S, n_retain)
+    zt_forget: torch.Tensor      # (S, N, n_forget)
+    y_forget: torch.Tensor       # (S, n_forget)
+    y_idk: torch.Tensor          # (S, n_forget)  uniformly random "I don't know" labels
+    zt_eval_retain: torch.Tensor  # (S, N, n_eval)
+    zt_eval_forget: torch.Tensor  # (S, N, n_eval)
+    a_finetuned: torch.Tensor    # (S, N, K-1) fitted on retain + forget: the unlearning start and reference
+    a_retain: torch.Tensor       # (S, N, K-1) fitted on retain only: the target
+    fit_grad_norm: dict          # {"finetuned": [S floats], "retain": [S floats]}
 
 
 def distribution_params(alpha: float, d: int, n_classes: int, which: str):
@@ -134,13 +146,18 @@ def sample_split(gen: torch.Generator, n: int, alpha: float, d: int, n_classes: 
     return x, y
 
 
-def features(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    return torch.relu(x @ W.transpose(-1, -2))                                       # (..., n, N)
+def features_t(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """relu(x @ W^T), transposed: x (n, d), W (N, d) -> (N, n)."""
+    return torch.relu(W @ x.T).contiguous()
 
 
 def make_task(alpha: float, seeds, d=16, n_features=128, n_classes=2, n_retain=1000, n_forget=200,
-              n_eval=1000) -> Task:
-    """Each seed draws W, then the training sets, the IDK labels, the eval sets (the released code's order)."""
+              n_eval=1000, fit: str = "newton", dtype=torch.float64, gd_steps=20000, gd_lr=0.05) -> Task:
+    """Each seed draws W, then the training sets, the IDK labels, the eval sets (the released code's order).
+
+    fit="newton": exact fits (gradient norm ~1e-10); fit="gd": the released code's full-batch gradient
+    descent from a = 0 (gd_lr, gd_steps), which stops well short of the optimum in flat directions.
+    """
     parts = []
     for seed in seeds:  # a handful of seeds; every draw inside is vectorised
         gen = torch.Generator().manual_seed(int(seed))
@@ -150,157 +167,223 @@ def make_task(alpha: float, seeds, d=16, n_features=128, n_classes=2, n_retain=1
         y_idk = torch.randint(n_classes, (n_forget,), generator=gen)
         x_er, _ = sample_split(gen, n_eval, alpha, d, n_classes, "retain")
         x_ef, _ = sample_split(gen, n_eval, alpha, d, n_classes, "forget")
-        parts.append((W, features(x_r, W), y_r, features(x_f, W), y_f, y_idk,
-                      features(x_er, W), features(x_ef, W)))
-    W, z_r, y_r, z_f, y_f, y_idk, z_er, z_ef = (torch.stack(t) for t in zip(*parts))
-    task = Task(alpha=float(alpha), seeds=[int(s) for s in seeds], n_classes=n_classes, W=W,
-                z_retain=z_r, y_retain=y_r, z_forget=z_f, y_forget=y_f, y_idk=y_idk,
-                z_eval_retain=z_er, z_eval_forget=z_ef)
-    a_ft, g_ft = fit_logistic(torch.cat([z_r, z_f], 1), torch.cat([y_r, y_f], 1), n_classes)
-    a_rt, g_rt = fit_logistic(z_r, y_r, n_classes)
-    task.a_finetuned, task.a_retain = a_ft, a_rt
-    task.fit_grad_norm = {"finetuned": g_ft.tolist(), "retain": g_rt.tolist()}
-    return task
+        parts.append((W, features_t(x_r, W), y_r, features_t(x_f, W), y_f, y_idk,
+                      features_t(x_er, W), features_t(x_ef, W)))
+    W, zt_r, y_r, zt_f, y_f, y_idk, zt_er, zt_ef = (torch.stack(t) for t in zip(*parts))
+    fitter = fit_logistic if fit == "newton" else (lambda z, y, k: fit_logistic_gd(z, y, k, gd_steps, gd_lr))
+    a_ft, g_ft = fitter(torch.cat([zt_r, zt_f], 2), torch.cat([y_r, y_f], 1), n_classes)
+    a_rt, g_rt = fitter(zt_r, y_r, n_classes)
+    return Task(alpha=float(alpha), seeds=[int(s) for s in seeds], n_classes=n_classes, W=W,
+                zt_retain=zt_r.to(dtype), y_retain=y_r, zt_forget=zt_f.to(dtype), y_forget=y_f, y_idk=y_idk,
+                zt_eval_retain=zt_er.to(dtype), zt_eval_forget=zt_ef.to(dtype),
+                a_finetuned=a_ft.to(dtype), a_retain=a_rt.to(dtype),  # the fits always run in float64
+                fit_grad_norm={"finetuned": g_ft.tolist(), "retain": g_rt.tolist()})
 
 
 # ----------------------------------------------------------------------------- model
+# Logits are kept class-major, (..., K, n): log_softmax over a length-2 LAST dim runs row by row on
+# CPU, over dim -2 it vectorises across the n samples (about 2x faster per step here).
 
-def logits_of(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """z (S, n, N), a (S, [M,] N, K-1) -> logits (S, [M,] n, K); the last class's logit is fixed at 0."""
-    if a.dim() == 4:  # one (n, N) @ (N, M*(K-1)) product per seed; broadcasting z over M is far slower
+def logits_of(zt: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """zt (S, N, n), a (S, [M,] N, K-1) -> logits (S, [M,] K, n); the last class's logit is fixed at 0."""
+    if a.dim() == 4:  # one (M*(K-1), N) @ (N, n) product per seed
         S, M, N, k = a.shape
-        out = (z @ a.permute(0, 2, 1, 3).reshape(S, N, M * k)).view(S, -1, M, k).permute(0, 2, 1, 3)
+        out = (a.transpose(2, 3).reshape(S, M * k, N) @ zt).view(S, M, k, -1)
     else:
-        out = z @ a
-    return F.pad(out, (0, 1))
+        out = a.transpose(1, 2) @ zt                                                 # (S, K-1, n)
+    return F.pad(out, (0, 0, 0, 1))
 
 
 def label_logprob(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """log p(y|x) per sample: logits (S, [M,] n, K), y (S, n) -> (S, [M,] n)."""
-    logp = torch.log_softmax(logits, dim=-1)
+    """log p(y|x) per sample: logits (S, [M,] K, n), y (S, n) -> (S, [M,] n)."""
+    logp = torch.log_softmax(logits, dim=-2)
+    index = y.unsqueeze(-2)                                                          # (S, 1, n)
     if logits.dim() == 4:
-        y = y.unsqueeze(1).expand(-1, logits.shape[1], -1)
-    return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        index = index.unsqueeze(1).expand(-1, logits.shape[1], -1, -1)               # (S, M, 1, n)
+    return logp.gather(-2, index).squeeze(-2)
 
 
-def mean_nll(a: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def mean_nll(a: torch.Tensor, zt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-seed mean NLL: a (S, N, K-1) -> (S,)."""
-    return -label_logprob(logits_of(z, a), y).mean(-1)
+    return -label_logprob(logits_of(zt, a), y).mean(-1)
 
 
-def fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, tol: float = 1e-10, max_iter: int = 100):
+def nll_gradient(a: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, n_classes: int):
+    """Closed-form gradient of the per-seed mean NLL, (S, N, K-1), and the probabilities (S, n, K-1)."""
+    k = n_classes - 1
+    p = torch.softmax(logits_of(zt, a), dim=-2)[:, :k].transpose(1, 2)              # (S, n, K-1)
+    onehot = F.one_hot(y, n_classes).to(a.dtype)[..., :k]                           # (S, n, K-1)
+    return zt @ (p - onehot) / y.shape[1], p
+
+
+def fit_logistic(zt: torch.Tensor, y: torch.Tensor, n_classes: int, tol: float = 1e-10, max_iter: int = 200):
     """Minimise the mean NLL from a = 0 by damped Newton, all seeds at once (the objective is convex).
 
-    Returns a (S, N, K-1) and the final gradient norms (S,). Raises if a seed misses tol * 100.
+    zt (S, N, n), y (S, n). Returns a (S, N, K-1) and the final gradient norms (S,).
     """
-    S, n, N = z.shape
+    S, N, n = zt.shape
     k = n_classes - 1
     a = torch.zeros(S, N, k, dtype=torch.float64)
-    onehot = F.one_hot(y, n_classes).to(torch.float64)[..., :k]                       # (S, n, K-1)
     eye = torch.eye(N * k, dtype=torch.float64)
     for _ in range(max_iter):
-        p = torch.softmax(logits_of(z, a), -1)[..., :k]                               # (S, n, K-1)
-        grad = z.transpose(1, 2) @ (p - onehot) / n                                   # (S, N, K-1)
+        grad, p = nll_gradient(a, zt, y, n_classes)
         gnorm = grad.flatten(1).norm(dim=1)
         if bool((gnorm < tol).all()):
             break
-        # Hessian of the mean NLL: (1/n) sum_i (diag p_i - p_i p_i^T) (x) z_i z_i^T
-        curv = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)                # (S, n, K-1, K-1)
-        H = torch.einsum("sia,sikl,sib->sakbl", z, curv, z).reshape(S, N * k, N * k) / n
+        # Hessian of the mean NLL: (1/n) sum_i z_i z_i^T (x) (diag p_i - p_i p_i^T), block (c, c')
+        H = torch.empty(S, N, k, N, k, dtype=torch.float64)
+        for c in range(k):
+            for c2 in range(k):
+                w = p[..., c] * (float(c == c2) - p[..., c2])                           # (S, n)
+                H[:, :, c, :, c2] = (zt * w.unsqueeze(1)) @ zt.transpose(1, 2) / n
+        H = H.reshape(S, N * k, N * k)
         step = torch.linalg.solve(H + 1e-12 * eye, grad.reshape(S, N * k, 1)).reshape(S, N, k)
-        # backtracking per seed: halve the step until the loss does not increase
-        loss0, t = mean_nll(a, z, y), torch.ones(S, 1, 1, dtype=torch.float64)
+        # backtracking per seed: halve the step until the loss does not increase (beyond rounding)
+        loss0, t = mean_nll(a, zt, y), torch.ones(S, 1, 1, dtype=torch.float64)
         for _ in range(40):
-            worse = mean_nll(a - t * step, z, y) > loss0
+            worse = mean_nll(a - t * step, zt, y) > loss0 + 1e-13
             if not bool(worse.any()):
                 break
             t = torch.where(worse.view(S, 1, 1), t / 2, t)
         a = a - t * step
-    if bool((gnorm > tol * 100).any()):
-        raise RuntimeError(f"logistic fit did not converge: gradient norms {gnorm.tolist()}")
+    nll = mean_nll(a, zt, y)
+    if bool((gnorm > tol * 100).any()) or bool((nll < 1e-6).any()):
+        # the mean NLL only approaches 0 (with the gradient) when the classes are separable: a -> infinity
+        raise SyntheticError(f"the exact logistic fit has no finite solution (gradient norms {gnorm.tolist()}, "
+                             f"mean NLL {nll.tolist()}): the training data are separable; use more samples "
+                             "(--n-retain, --n-forget) or --fit gd")
     return a, gnorm
+
+
+def fit_logistic_gd(zt: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int = 20000, lr: float = 0.05):
+    """The released code's fit: full-batch gradient descent from a = 0 (lr 0.05, 20,000 steps)."""
+    S, N, _ = zt.shape
+    a = torch.zeros(S, N, n_classes - 1, dtype=torch.float64)
+    for _ in range(steps):
+        grad, _ = nll_gradient(a, zt, y, n_classes)
+        a = a - lr * grad
+    grad, _ = nll_gradient(a, zt, y, n_classes)
+    return a, grad.flatten(1).norm(dim=1)
 
 
 # ----------------------------------------------------------------------------- unlearning
 
-def seed_sum(loss_fn, *tensors, n_seeds: int, **kwargs) -> torch.Tensor:
-    """Sum over seeds of a per-seed batch-mean loss: call it once on the flattened (S * n,) batch, times S."""
-    return loss_fn(*(t.reshape(-1) for t in tensors), **kwargs) * n_seeds
+def batch_sum(loss_fn, *tensors, **kwargs) -> torch.Tensor:
+    """Sum over (seed, method) pairs of a batch-mean loss, in one call.
+
+    tensors: (S, G, n) each, G methods sharing loss_fn and its hyperparameters. npo.py's losses are
+    means over independent per-sample terms, so the loss of the flattened (S * G * n,) batch times
+    S * G equals the sum of the S * G per-(seed, method) losses exactly (every pair has the same n).
+    """
+    count = tensors[0].shape[0] * tensors[0].shape[1]
+    return loss_fn(*(t.reshape(-1) for t in tensors), **kwargs) * count
 
 
-def unlearning_loss(a: torch.Tensor, task: Task, methods: list[MethodSpec], ref: dict) -> torch.Tensor:
-    """Sum over seeds and methods of each method's loss; a (S, M, N, K-1). Gradients do not mix."""
-    S = a.shape[0]
-    logits_forget = logits_of(task.z_forget, a)                                      # (S, M, n_f, K)
-    logp_forget = label_logprob(logits_forget, task.y_forget)                        # (S, M, n_f)
-    logp_idk = label_logprob(logits_forget, task.y_idk)                              # (S, M, n_f)
-    ones_f = torch.ones_like(ref["logp_forget"])                                     # token count 1 per sample
-    need_retain = any(m.regularizer for m in methods)
-    if need_retain:
-        logits_retain = logits_of(task.z_retain, a)                                  # (S, M, n_r, K)
-        logp_retain = label_logprob(logits_retain, task.y_retain)                    # (S, M, n_r)
-        ones_r = torch.ones_like(ref["logp_retain_like"])
-    total = a.new_zeros(())
+def reference_outputs(task: Task) -> dict:
+    """The frozen fine-tuned model's log-probs and retain logits, computed once; the retain model's eval logits."""
+    with torch.no_grad():
+        a0, a_r = task.a_finetuned, task.a_retain
+        logits_f = logits_of(task.zt_forget, a0)                                     # (S, K, n_f)
+        return {"logp_forget": label_logprob(logits_f, task.y_forget),               # (S, n_f)
+                "logp_idk": label_logprob(logits_f, task.y_idk),                     # (S, n_f)
+                "logits_retain": logits_of(task.zt_retain, a0),                      # (S, K, n_r)
+                "eval_forget": logits_of(task.zt_eval_forget, a_r),                  # (S, K, n_eval)
+                "eval_retain": logits_of(task.zt_eval_retain, a_r)}
+
+
+def take(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """t[:, idx], as a cheap slice view when idx is a contiguous range."""
+    if idx == list(range(idx[0], idx[-1] + 1)):
+        return t[:, idx[0]:idx[-1] + 1]
+    return t[:, idx]
+
+
+def make_loss_fn(task: Task, methods: list[MethodSpec], ref: dict):
+    """loss_fn(a) = sum over seeds and methods of each method's loss; a (S, M, N, K-1). Gradients do not mix.
+
+    Methods whose forget term has the same form and hyperparameters share one loss call (batch_sum),
+    and all methods with a retain NLL share one. Everything that does not depend on a is built here, once.
+    """
+    groups = {}
     for m, spec in enumerate(methods):
-        lp, lp_idk = logp_forget[:, m], logp_idk[:, m]                                # (S, n_f)
-        if spec.forget == "ga":        # mean over forget samples of log p(y|x): minimising it = ascent
-            loss = seed_sum(npo.ga_loss, lp, ones_f, n_seeds=S)
-        elif spec.forget == "idk":     # NLL of the IDK labels on the forget inputs
-            loss = seed_sum(npo.idk_loss, lp_idk, ones_f, n_seeds=S)
-        elif spec.forget == "npo":
-            loss = seed_sum(npo.npo_loss, lp, ref["logp_forget"], n_seeds=S, beta=spec.beta)
-        elif spec.forget == "dpo":     # IDK label preferred over the forget label
-            loss = seed_sum(npo.dpo_loss, lp_idk, ref["logp_idk"], lp, ref["logp_forget"],
-                            n_seeds=S, beta=spec.beta)
-        elif spec.forget == "simnpo":
-            loss = seed_sum(npo.simnpo_loss, lp, ones_f, n_seeds=S, beta=spec.beta, delta=spec.delta)
-        else:
-            raise ValueError(f"unknown forget term {spec.forget!r}")
-        if spec.regularizer == "rt":
-            loss = loss + seed_sum(npo.retain_nll, logp_retain[:, m], ones_r, n_seeds=S)
-        elif spec.regularizer == "kl":  # KL(fine-tuned || current), mean over the retain training set
-            kl = npo.kl_divergence(logits_retain[:, m], ref["logits_retain"])        # (S, n_r)
-            loss = loss + kl.mean(-1).sum()
-        total = total + loss
-    return total
+        groups.setdefault((spec.forget, spec.beta, spec.delta), []).append(m)
+    need_idk = any(spec.forget in ("idk", "dpo") for spec in methods)
+    with_retain = [m for m, spec in enumerate(methods) if spec.retain]
+    nll_idx = [r for r, m in enumerate(with_retain) if methods[m].retain == "nll"]
+    kl_idx = [r for r, m in enumerate(with_retain) if methods[m].retain == "kl"]
+
+    def expand(t: torch.Tensor, G: int) -> torch.Tensor:  # (S, n) -> (S, G, n), a view
+        return t.unsqueeze(1).expand(-1, G, -1)
+
+    ones_f = torch.ones_like(ref["logp_forget"])                                     # 1 "token" per sample
+    ones_r = torch.ones(task.y_retain.shape, dtype=ones_f.dtype)
+    ref_logits_retain = ref["logits_retain"].transpose(-1, -2).unsqueeze(1)          # (S, 1, n_r, K)
+
+    def loss_fn(a: torch.Tensor) -> torch.Tensor:
+        logits_forget = logits_of(task.zt_forget, a)                                 # (S, M, K, n_f)
+        logp_forget = label_logprob(logits_forget, task.y_forget)                    # (S, M, n_f)
+        logp_idk = label_logprob(logits_forget, task.y_idk) if need_idk else None    # (S, M, n_f)
+        total = a.new_zeros(())
+        for (forget, beta, delta), idx in groups.items():
+            G = len(idx)
+            lp = take(logp_forget, idx)                                              # (S, G, n_f)
+            if forget == "ga":        # mean over forget samples of log p(y|x): minimising it = ascent
+                loss = batch_sum(npo.ga_loss, lp, expand(ones_f, G))
+            elif forget == "idk":     # NLL of the IDK labels on the forget inputs
+                loss = batch_sum(npo.idk_loss, take(logp_idk, idx), expand(ones_f, G))
+            elif forget == "npo":
+                loss = batch_sum(npo.npo_loss, lp, expand(ref["logp_forget"], G), beta=beta)
+            elif forget == "dpo":     # the IDK label preferred over the forget label
+                loss = batch_sum(npo.dpo_loss, take(logp_idk, idx), expand(ref["logp_idk"], G),
+                                 lp, expand(ref["logp_forget"], G), beta=beta)
+            elif forget == "simnpo":
+                loss = batch_sum(npo.simnpo_loss, lp, expand(ones_f, G), beta=beta, delta=delta)
+            else:
+                raise ValueError(f"unknown forget term {forget!r}")
+            total = total + loss
+        if with_retain:  # the retain set is 5x the forget set: score it only for methods that use it
+            logits_retain = logits_of(task.zt_retain, take(a, with_retain))          # (S, M_r, K, n_r)
+            if nll_idx:
+                lp_r = label_logprob(take(logits_retain, nll_idx), task.y_retain)    # (S, M_nll, n_r)
+                total = total + batch_sum(npo.retain_nll, lp_r, expand(ones_r, len(nll_idx)))
+            if kl_idx:  # KL(fine-tuned || current) per sample, averaged over the retain training set
+                kl = npo.kl_divergence(take(logits_retain, kl_idx).transpose(-1, -2), ref_logits_retain)
+                total = total + kl.mean(-1).sum()                                    # kl: (S, M_kl, n_r)
+        return total
+
+    return loss_fn
 
 
 @torch.no_grad()
-def evaluate(a: torch.Tensor, a0: torch.Tensor, task: Task, ret: dict) -> dict:
-    """Metrics per (seed, method), each (S, M)."""
-    M = a.shape[1]
+def evaluate(a: torch.Tensor, task: Task, ref: dict) -> dict:
+    """Metrics per (seed, method), each (S, M), in float64."""
     out = {}
-    for split, z in (("forget", task.z_eval_forget), ("retain", task.z_eval_retain)):
-        logits = logits_of(z, a)                                                     # (S, M, n_eval, K)
-        ref_logits = ret[split].unsqueeze(1).expand(-1, M, -1, -1)
-        out[f"{split}_distance"] = npo.kl_divergence(logits, ref_logits).double().mean(-1)
-    out["forget_nll"] = -label_logprob(logits_of(task.z_forget, a), task.y_forget).mean(-1)
-    out["drift"] = (a - a0.unsqueeze(1)).flatten(2).norm(dim=-1)                     # ||a_t - a_0||
+    for split, zt in (("forget", task.zt_eval_forget), ("retain", task.zt_eval_retain)):
+        logits = logits_of(zt, a).transpose(-1, -2)                                  # (S, M, n_eval, K)
+        retain_logits = ref[f"eval_{split}"].transpose(-1, -2).unsqueeze(1)          # (S, 1, n_eval, K)
+        out[f"{split}_distance"] = npo.kl_divergence(logits, retain_logits).double().mean(-1)
+    out["forget_nll"] = -label_logprob(logits_of(task.zt_forget, a), task.y_forget).double().mean(-1)
+    out["drift"] = (a - task.a_finetuned.unsqueeze(1)).flatten(2).double().norm(dim=-1)  # ||a_t - a_0||
     return out
 
 
 def unlearn(task: Task, methods: list[MethodSpec], steps: int, eval_every: int,
             progress_every: int = 0, tag: str = "") -> dict:
-    """Full-batch gradient descent on a for every seed and method at once.
+    """Full-batch gradient descent on a for every seed and method at once, from the fine-tuned model.
 
-    Returns {"steps": [...], metric: tensor (n_evals, S, M)} with evaluations at 0, eval_every, ..., steps.
+    Returns {"steps": [...], "a": final parameters, metric: tensor (n_evals, S, M)}, evaluated at
+    0, eval_every, ..., steps.
     """
-    S, M = len(task.seeds), len(methods)
-    a0 = task.a_finetuned                                                            # (S, N, K-1)
-    with torch.no_grad():  # the fine-tuned model is the frozen reference: cache its outputs once
-        ref = {"logp_forget": label_logprob(logits_of(task.z_forget, a0), task.y_forget),   # (S, n_f)
-               "logp_idk": label_logprob(logits_of(task.z_forget, a0), task.y_idk),
-               "logits_retain": logits_of(task.z_retain, a0),                               # (S, n_r, K)
-               "logp_retain_like": torch.zeros(task.y_retain.shape, dtype=torch.float64)}
-        ret = {"forget": logits_of(task.z_eval_forget, task.a_retain),               # (S, n_eval, K)
-               "retain": logits_of(task.z_eval_retain, task.a_retain)}
-    lr = torch.tensor([m.lr for m in methods], dtype=torch.float64).view(1, M, 1, 1)
-    a = a0.unsqueeze(1).repeat(1, M, 1, 1).requires_grad_(True)                     # (S, M, N, K-1)
+    M = len(methods)
+    ref = reference_outputs(task)  # the frozen reference, cached once
+    loss_fn = make_loss_fn(task, methods, ref)
+    lr = torch.tensor([m.lr for m in methods], dtype=task.a_finetuned.dtype).view(1, M, 1, 1)
+    a = task.a_finetuned.unsqueeze(1).repeat(1, M, 1, 1).requires_grad_(True)       # (S, M, N, K-1)
     history, eval_steps = [], []
     t0 = time.perf_counter()
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
-            history.append(evaluate(a, a0, task, ret))
+            history.append(evaluate(a, task, ref))
             eval_steps.append(step)
         if progress_every and step and (step % progress_every == 0 or step == steps):
             fd = history[-1]["forget_distance"].mean(0)
@@ -309,11 +392,11 @@ def unlearn(task: Task, methods: list[MethodSpec], steps: int, eval_every: int,
                   flush=True)
         if step == steps:
             break
-        loss = unlearning_loss(a, task, methods, ref)
+        loss = loss_fn(a)
         (grad,) = torch.autograd.grad(loss, a)
         with torch.no_grad():
             a -= lr * grad
-    result = {"steps": eval_steps}
+    result = {"steps": eval_steps, "a": a.detach()}                                   # a: (S, M, N, K-1) at the end
     for key in history[0]:
         result[key] = torch.stack([h[key] for h in history])                         # (n_evals, S, M)
     return result
@@ -359,15 +442,13 @@ def fit_growth(t: torch.Tensor, y: torch.Tensor) -> dict:
     return out
 
 
-def collapse_rates(run: dict, methods: list[MethodSpec], labels=("GA", "NPO b=1"), start_frac=0.1) -> list[dict]:
+def collapse_rates(run: dict, methods: list[MethodSpec], start_frac: float = 0.1) -> list[dict]:
     """Fit ||a_t - a_0|| and the forget NLL against t and log t over t in [start_frac * T, T], per seed."""
     steps = torch.tensor(run["steps"], dtype=torch.float64)
     keep = steps >= max(start_frac * steps[-1].item(), 1.0)
     rows = []
-    for label in labels:
-        if label not in [m.label for m in methods]:
-            continue
-        m = [s.label for s in methods].index(label)
+    for m, spec in enumerate(methods):
+        label = spec.label
         for quantity in ("drift", "forget_nll"):
             y = run[quantity][:, :, m]                                               # (E, S)
             fits = [fit_growth(steps[keep], y[keep, s]) for s in range(y.shape[1])]
@@ -404,52 +485,66 @@ def paper_comparison(runs: dict) -> list[str]:
         fd = lambda lab: _curve(run, "forget_distance", lab, methods)  # noqa: E731
         rd = lambda lab: _curve(run, "retain_distance", lab, methods)  # noqa: E731
         steps = run["steps"]
+        if 2000 not in steps:
+            lines.append(f"- alpha={alpha:g}: skipped, the paper's numbers are at step 2000 and this run "
+                         f"evaluated steps {steps[0]}..{steps[-1]} (use --steps 2000 with --eval-every dividing it).")
+            continue
+        end = steps.index(2000)  # the paper's last step
         if alpha == 1.0:
             ref = next((lab for lab in ("GA", "NPO", methods[0].label) if fd(lab) is not None))
             f0, r0 = fd(ref)[0].item(), rd(ref)[0].item()
             lines.append(f"- alpha=1 start: paper forget ~1.7, retain ~0.015; measured forget {f0:.3f} "
-                         f"({near(f0, 1.7)}), retain {r0:.4f} ({near(r0, 0.015, abs_tol=0.005)}).")
+                         f"({near(f0, 1.7)}), retain {r0:.4f} ({near(r0, 0.015, abs_tol=0.005)}). The paper's "
+                         "models come from the released code's early-stopped gradient descent: compare "
+                         "with --fit gd (minutes).")
             if fd("GA") is not None:
                 g = fd("GA")
-                i = int(torch.nan_to_num(g, nan=float("inf")).argmin())
+                i = int(torch.nan_to_num(g[:end + 1], nan=float("inf")).argmin())
                 verdict = "close" if 500 <= steps[i] <= 1500 else "DIFFERS"
                 lines.append(f"- alpha=1 GA forget minimum: paper near step 1000; measured step {steps[i]} "
                              f"(forget {g[i].item():.3f}) ({verdict}).")
-                r_end = rd("GA")[-1].item()
-                lines.append(f"- alpha=1 GA retain at step {steps[-1]}: paper climbs past 0.3; measured "
+                r_end = rd("GA")[end].item()
+                lines.append(f"- alpha=1 GA retain at step 2000: paper climbs past 0.3; measured "
                              f"{r_end:.3f} ({'close' if r_end > 0.3 else 'DIFFERS'}).")
             if fd("GA+RT") is not None:
-                r_end = rd("GA+RT")[-1].item()
+                r_end = rd("GA+RT")[end].item()
                 gap = ""
                 if fd("GA") is not None:
-                    diff = (fd("GA+RT") - fd("GA")).abs().max().item()
+                    diff = (fd("GA+RT") - fd("GA"))[:end + 1].abs().max().item()
                     gap = f"; max |forget(GA+RT) - forget(GA)| over steps {diff:.3f}"
-                lines.append(f"- alpha=1 GA+RT retain at end: paper ~0.2; measured {r_end:.3f} "
+                lines.append(f"- alpha=1 GA+RT retain at step 2000: paper ~0.2; measured {r_end:.3f} "
                              f"({near(r_end, 0.2)}){gap}.")
             for lab in ("NPO", "NPO+RT", "DPO+RT"):
                 if fd(lab) is None:
                     continue
                 c = fd(lab)
-                hit = next((steps[i] for i in range(len(steps)) if c[i].item() < 0.05), None)
+                hit = next((steps[i] for i in range(end + 1) if c[i].item() < 0.05), None)
                 at200 = at_step(run, c, 200)
                 verdict = "close" if hit is not None and hit <= 300 else "DIFFERS"
-                lines.append(f"- alpha=1 {lab} forget: paper close to 0 within ~200 steps; measured "
-                             f"{at200:.3f} at step 200, first < 0.05 at step {hit} ({verdict}).")
+                per_seed = run["forget_distance"][:, :, [m.label for m in methods].index(lab)]  # (E, S)
+                i300 = min(range(len(steps)), key=lambda i: abs(steps[i] - 300))
+                n_ok = int((per_seed[i300] < 0.05).sum())
+                above = ", ".join(f"seed {seed}: {v:.3f}"
+                                  for seed, v in zip(runs[alpha]["seeds"], per_seed[i300].tolist()) if not v < 0.05)
+                lines.append(f"- alpha=1 {lab} forget: paper close to 0 within ~200 steps; measured seed mean "
+                             f"{at200:.3f} at step 200, first < 0.05 at step {hit} ({verdict}); "
+                             f"{n_ok} of {per_seed.shape[1]} seeds are below 0.05 at step {steps[i300]}"
+                             + (f" (not: {above})." if above else "."))
             for lab, paper in (("NPO", 0.17), ("DPO+RT", 0.04)):
                 if rd(lab) is not None:
-                    r_end = rd(lab)[-1].item()
+                    r_end = rd(lab)[end].item()
                     lines.append(f"- alpha=1 {lab} retain settles: paper ~{paper}; measured {r_end:.3f} at "
-                                 f"step {steps[-1]} ({near(r_end, paper)}).")
+                                 f"step 2000 ({near(r_end, paper)}).")
             if rd("NPO+RT") is not None:
                 r = rd("NPO+RT")
-                r0, r_end, r_max = r[0].item(), r[-1].item(), r.max().item()
+                r0, r_end, r_max = r[0].item(), r[end].item(), r[:end + 1].max().item()
                 verdict = "close" if r_max <= r0 + 0.02 else "DIFFERS"
                 lines.append(f"- alpha=1 NPO+RT retain: paper flat near its start; measured start {r0:.4f}, "
                              f"max {r_max:.4f}, end {r_end:.4f} ({verdict}).")
             if fd("IDK+RT") is not None:
-                f_end = fd("IDK+RT")[-1].item()
+                f_end = fd("IDK+RT")[end].item()
                 lines.append(f"- alpha=1 IDK+RT forget stalls: paper ~0.8; measured {f_end:.3f} at step "
-                             f"{steps[-1]} ({near(f_end, 0.8)}).")
+                             f"2000 ({near(f_end, 0.8)}).")
         elif alpha == 0.0:
             ref = methods[0].label
             f0, r0 = fd(ref)[0].item(), rd(ref)[0].item()
@@ -458,8 +553,8 @@ def paper_comparison(runs: dict) -> list[str]:
             for lab, paper in (("GA", 0.18), ("GA+RT", 0.13), ("IDK+RT", 0.065), ("NPO", 0.04),
                                ("NPO+RT", 0.02), ("DPO+RT", 0.02)):
                 if fd(lab) is not None:
-                    f_end = fd(lab)[-1].item()
-                    lines.append(f"- alpha=0 {lab} forget at step {steps[-1]}: paper ~{paper}; measured "
+                    f_end = fd(lab)[end].item()
+                    lines.append(f"- alpha=0 {lab} forget at step 2000: paper ~{paper}; measured "
                                  f"{f_end:.4f} ({near(f_end, paper, abs_tol=0.01)}).")
     return lines
 
@@ -515,7 +610,12 @@ def summary_table(rows: list[dict]) -> list[str]:
 
 def plot_figure(path: str, runs: dict) -> None:
     """The paper's Figure 2 layout: (a1) forget vs step, (a2) retain vs step, (a3) retain vs forget
-    for alpha = 1, (b) forget vs step for alpha = 0; mean over seeds with error bars (std)."""
+    for alpha = 1, (b) forget vs step for alpha = 0; seed means with error bars (std over seeds).
+
+    Distance axes stop at 1.5x the largest starting distance (forget) or the largest mean
+    (retain): a diverging seed would otherwise flatten every other curve; the JSON has everything.
+    Error bars are every tenth evaluation (every fifth point in (a3)).
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -534,21 +634,22 @@ def plot_figure(path: str, runs: dict) -> None:
         run, methods = runs[alpha]["run"], runs[alpha]["methods"]
         steps = run["steps"]
         every = max(1, len(steps) // 10)
+        fd, rd = run["forget_distance"].double(), run["retain_distance"].double()    # (E, S, M)
+        f_top = 1.5 * fd[0].mean(0).max().item()
+        r_top = 1.1 * torch.nan_to_num(rd.mean(1), nan=0.0).max().item()
         for m, spec in enumerate(methods):
             color = colors.setdefault(spec.label, f"C{len(colors)}")
-            f = run["forget_distance"][:, :, m].double()
-            r = run["retain_distance"][:, :, m].double()
+            f, r = fd[:, :, m], rd[:, :, m]
             if metric is None:
-                ax.errorbar(f.mean(1), r.mean(1), xerr=f.std(1), yerr=r.std(1), errorevery=every,
-                            color=color, label=spec.label, capsize=2, lw=1.5)
-                ax.set_xlabel("forget distance")
-                ax.set_ylabel("retain distance")
+                ax.errorbar(f.mean(1), r.mean(1), xerr=f.std(1), yerr=r.std(1), errorevery=2 * every,
+                            color=color, label=spec.label, capsize=2, lw=1.5, elinewidth=0.6, alpha=0.9)
+                ax.set(xlabel="forget distance", ylabel="retain distance", xlim=(0, f_top), ylim=(0, r_top))
             else:
-                y = run[metric][:, :, m].double()
+                y = f if metric == "forget_distance" else r
                 ax.errorbar(steps, y.mean(1), yerr=y.std(1), errorevery=every, color=color,
                             label=spec.label, capsize=2, lw=1.5)
-                ax.set_xlabel("step")
-                ax.set_ylabel(metric.replace("_", " "))
+                ax.set(xlabel="step", ylabel=metric.replace("_", " "),
+                       ylim=(0, f_top if metric == "forget_distance" else r_top))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -556,29 +657,59 @@ def plot_figure(path: str, runs: dict) -> None:
     plt.close(fig)
 
 
+def _line_style(spec: MethodSpec) -> dict:
+    return {"color": "k", "ls": "--"} if spec.forget == "ga" else {}
+
+
 def plot_sweep(path: str, sweep: dict) -> None:
-    """Beta sweep in the retain-vs-forget plane, plus ||a_t - a_0|| vs t and vs log t (collapse rate)."""
+    """NPO at several betas next to GA (same lr): the retain-vs-forget distance plane, and forget vs step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run, methods = sweep["run"], sweep["methods"]
-    steps = torch.tensor(run["steps"], dtype=torch.float64)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for m, spec in enumerate(methods):
         f = run["forget_distance"][:, :, m].double().mean(1)
         r = run["retain_distance"][:, :, m].double().mean(1)
-        axes[0].plot(f, r, label=spec.label, lw=1.5, color="k" if spec.forget == "ga" else None,
-                     ls="--" if spec.forget == "ga" else "-")
-        drift = run["drift"][:, :, m].double().mean(1)
-        for ax in axes[1:]:
-            ax.plot(steps[1:], drift[1:], label=spec.label, lw=1.5,
-                    color="k" if spec.forget == "ga" else None, ls="--" if spec.forget == "ga" else "-")
-    axes[0].set(xlabel="forget distance", ylabel="retain distance",
-                title=f"NPO beta sweep vs GA, alpha=1, lr {methods[0].lr:g}")
-    axes[1].set(xlabel="step", ylabel="||a_t - a_0||", title="collapse: linear time axis")
-    axes[2].set(xlabel="step (log scale)", ylabel="||a_t - a_0||", xscale="log",
-                title="collapse: log time axis")
+        axes[0].plot(f, r, label=spec.label, lw=1.5, **_line_style(spec))
+        axes[1].plot(run["steps"], f, label=spec.label, lw=1.5, **_line_style(spec))
+    # log axes: GA runs off to distances ~100x larger than NPO's within the sweep
+    axes[0].set(xlabel="forget distance", ylabel="retain distance", xscale="log", yscale="log",
+                title=f"beta sweep, alpha=1, lr {methods[0].lr:g} (seed means)")
+    axes[1].set(xlabel="step", ylabel="forget distance", yscale="log", title="forget distance vs step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_collapse(path: str, collapse: dict, fits: list[dict]) -> None:
+    """The collapse-rate theorem: ||a_t - a_0|| of GA and NPO against t, and NPO's against log t."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run, methods = collapse["run"], collapse["methods"]
+    steps = torch.tensor(run["steps"], dtype=torch.float64)
+    slope = {(r["method"], k): r[f"{k}_slope"][0] for r in fits if r["quantity"] == "drift" for k in ("linear", "log")}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    every = max(1, len(steps) // 12)
+    for m, spec in enumerate(methods):
+        drift = run["drift"][1:, :, m].double()                                      # (E-1, S), t > 0
+        axes[0].errorbar(steps[1:], drift.mean(1), yerr=drift.std(1), errorevery=every, capsize=2, lw=1.5,
+                         label=f"{spec.label}: slope vs t {slope.get((spec.label, 'linear'), float('nan')):.2e}",
+                         **_line_style(spec))
+        if spec.forget != "ga":
+            axes[1].errorbar(steps[1:], drift.mean(1), yerr=drift.std(1), errorevery=every, capsize=2, lw=1.5,
+                             label=f"{spec.label}: slope vs log t {slope.get((spec.label, 'log'), float('nan')):.3f}",
+                             **_line_style(spec))
+    axes[0].set(xlabel="step", ylabel="||a_t - a_0||",
+                title=f"collapse, alpha=1, lr {methods[0].lr:g}: GA grows linearly")
+    axes[1].set(xlabel="step (log scale)", ylabel="||a_t - a_0||", xscale="log",
+                title="NPO against log t: a straight line = logarithmic growth")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -612,11 +743,18 @@ class SyntheticConfig:
     n_retain: int = 1000
     n_forget: int = 200
     n_eval: int = 1000
-    sweep_beta: bool = True
+    collapse_steps: int = 4000
+    collapse_lr: float = 5e-3
+    collapse_beta: float = 1.0
+    sweep_beta: bool = False
     sweep_betas: tuple = (0.01, 0.1, 0.2, 0.5, 1.0)
     sweep_lr: float = 5e-4
     sweep_steps: int = 10000
     sweep_eval_every: int = 25
+    fit: str = "newton"         # "newton": exact fits; "gd": the released code's 20,000-step gradient descent
+    fit_gd_steps: int = 20000
+    fit_gd_lr: float = 0.05
+    dtype: str = "float64"
     threads: int = 1
     plot: bool = True
     overrides: dict = field(default_factory=dict)  # filled by resolve(): {(method, alpha|None): {"lr"|"beta": v}}
@@ -659,13 +797,16 @@ def resolve(cfg: SyntheticConfig) -> SyntheticConfig:
     if not cfg.alphas:
         raise SyntheticError("--alphas is empty; expected e.g. 1,0")
     for name in ("steps", "eval_every", "d", "n_features", "n_retain", "n_forget", "n_eval",
-                 "sweep_steps", "sweep_eval_every", "threads"):
+                 "sweep_steps", "sweep_eval_every", "threads", "fit_gd_steps", "collapse_steps"):
         if getattr(cfg, name) < 1:
             raise SyntheticError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.n_classes < 2:
         raise SyntheticError(f"--n-classes must be >= 2, got {cfg.n_classes}")
-    if any(not (b > 0) for b in cfg.sweep_betas) or not (cfg.sweep_lr > 0):
-        raise SyntheticError("--sweep-betas and --sweep-lr must be positive")
+    for name in ("sweep_lr", "collapse_lr", "collapse_beta", "fit_gd_lr"):
+        if not (getattr(cfg, name) > 0):
+            raise SyntheticError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if any(not (b > 0) for b in cfg.sweep_betas):
+        raise SyntheticError(f"--sweep-betas must be positive, got {cfg.sweep_betas}")
     cfg.overrides = {}
     for option in ("lr", "beta"):
         for text in getattr(cfg, option):
@@ -681,6 +822,11 @@ def methods_for(cfg: SyntheticConfig, alpha: float) -> list[MethodSpec]:
         specs.append(method_spec(name, alpha, lr=chosen.get("lr"), beta=chosen.get("beta"),
                                  delta=cfg.simnpo_delta))
     return specs
+
+
+def collapse_methods(cfg: SyntheticConfig) -> list[MethodSpec]:
+    return [method_spec("GA", 1.0, lr=cfg.collapse_lr),
+            method_spec("NPO", 1.0, lr=cfg.collapse_lr, beta=cfg.collapse_beta, label=f"NPO b={cfg.collapse_beta:g}")]
 
 
 def sweep_methods(cfg: SyntheticConfig) -> list[MethodSpec]:
@@ -714,12 +860,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-retain", type=int, default=d.n_retain, help="retain training samples")
     p.add_argument("--n-forget", type=int, default=d.n_forget, help="forget training samples")
     p.add_argument("--n-eval", type=int, default=d.n_eval, help="evaluation samples per distribution")
+    p.add_argument("--collapse-steps", type=int, default=d.collapse_steps,
+                   help="steps of the collapse-rate run (GA and NPO, alpha=1, same lr)")
+    p.add_argument("--collapse-lr", type=float, default=d.collapse_lr, help="learning rate of the collapse run")
+    p.add_argument("--collapse-beta", type=float, default=d.collapse_beta, help="NPO beta of the collapse run")
     p.add_argument("--sweep-beta", action=argparse.BooleanOptionalAction, default=d.sweep_beta,
-                   help="run the NPO beta sweep (alpha=1) and the collapse-rate fits on it")
+                   help="also run the NPO beta sweep next to GA (alpha=1; about 30 s more)")
     p.add_argument("--sweep-betas", type=_csv(float), default=d.sweep_betas, help="NPO betas of the sweep")
     p.add_argument("--sweep-lr", type=float, default=d.sweep_lr, help="learning rate of every sweep run")
     p.add_argument("--sweep-steps", type=int, default=d.sweep_steps, help="sweep steps")
     p.add_argument("--sweep-eval-every", type=int, default=d.sweep_eval_every, help="sweep eval interval")
+    p.add_argument("--fit", choices=("newton", "gd"), default=d.fit,
+                   help="fine-tuned / retain model fits: exact damped Newton (gradient norm < 1e-8), or the "
+                        "released code's full-batch gradient descent from 0 (slow: minutes)")
+    p.add_argument("--fit-gd-steps", type=int, default=d.fit_gd_steps, help="steps of --fit gd")
+    p.add_argument("--fit-gd-lr", type=float, default=d.fit_gd_lr, help="learning rate of --fit gd")
+    p.add_argument("--dtype", choices=("float64", "float32"), default=d.dtype,
+                   help="unlearning dtype (fits always float64; npo.kl_divergence computes in fp32)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (tiny tensors: 1 is fastest)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=d.plot, help="write the PNG figures")
     return p
@@ -727,47 +884,63 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = SyntheticConfig(**{k: v for k, v in vars(args).items()})
+    cfg = SyntheticConfig(**vars(args))
     try:
-        resolve(cfg)
-    except SyntheticError as e:
+        return run(resolve(cfg), argv)
+    except SyntheticError as e:  # bad values, separable data
         print(f"train_synthetic.py: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"train_synthetic.py: error: cannot write the outputs under --out-dir {cfg.out_dir}: {e}",
+              file=sys.stderr)
+        return 2
+
+
+def run(cfg: SyntheticConfig, argv=None) -> int:
+    """Both settings, the collapse run, the optional beta sweep; writes JSON, markdown and figures."""
     torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     sizes = dict(d=cfg.d, n_features=cfg.n_features, n_classes=cfg.n_classes, n_retain=cfg.n_retain,
-                 n_forget=cfg.n_forget, n_eval=cfg.n_eval)
+                 n_forget=cfg.n_forget, n_eval=cfg.n_eval, fit=cfg.fit, dtype=getattr(torch, cfg.dtype),
+                 gd_steps=cfg.fit_gd_steps, gd_lr=cfg.fit_gd_lr)
 
     runs, tasks, records = {}, {}, {"config": _jsonable({k: v for k, v in asdict(cfg).items()
                                                          if k != "overrides"})}
     for alpha in cfg.alphas:
         t0 = time.perf_counter()
         task = tasks[alpha] = make_task(alpha, cfg.seeds, **sizes)
-        print(f"alpha={alpha:g}: data + exact fits for {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.2f}s "
+        print(f"alpha={alpha:g}: data + {cfg.fit} fits for {len(cfg.seeds)} seeds in {time.perf_counter() - t0:.2f}s "
               f"(max grad norm fine-tuned {max(task.fit_grad_norm['finetuned']):.1e}, "
               f"retain {max(task.fit_grad_norm['retain']):.1e})", flush=True)
         methods = methods_for(cfg, alpha)
         run = unlearn(task, methods, cfg.steps, cfg.eval_every, progress_every=max(cfg.steps // 4, 1),
                       tag=f"alpha={alpha:g}")
-        runs[alpha] = {"run": run, "methods": methods}
+        runs[alpha] = {"run": run, "methods": methods, "seeds": task.seeds}
         records[f"alpha={alpha:g}"] = run_record(task, methods, run)
 
+    task1 = tasks.get(1.0) or make_task(1.0, cfg.seeds, **sizes)
+    methods = collapse_methods(cfg)
+    run = unlearn(task1, methods, cfg.collapse_steps, cfg.eval_every,
+                  progress_every=max(cfg.collapse_steps // 2, 1), tag="collapse")
+    collapse = {"run": run, "methods": methods}
+    records["collapse_run"] = run_record(task1, methods, run)
+    records["collapse_fits"] = collapse_rates(run, methods)
     sweep = None
     if cfg.sweep_beta:
-        task = tasks.get(1.0) or make_task(1.0, cfg.seeds, **sizes)
         methods = sweep_methods(cfg)
-        run = unlearn(task, methods, cfg.sweep_steps, cfg.sweep_eval_every,
+        run = unlearn(task1, methods, cfg.sweep_steps, cfg.sweep_eval_every,
                       progress_every=max(cfg.sweep_steps // 4, 1), tag="beta sweep")
         sweep = {"run": run, "methods": methods}
-        records["beta_sweep"] = run_record(task, methods, run)
-        records["collapse"] = collapse_rates(run, methods)
-    elapsed = time.perf_counter() - t_start
+        records["beta_sweep"] = run_record(task1, methods, run)
+    elapsed, cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
+    shared = (" (wall well above CPU time: other processes were using the CPU)"
+              if elapsed > 1.3 * cpu / cfg.threads else "")
 
     lines = ["# Synthetic experiment (NPO paper, Figure 2)", "",
-             f"Command: `python train_synthetic.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
-             f"Wall time (data, fits, unlearning; figures excluded): {elapsed:.1f} s on {cfg.threads} CPU "
-             f"thread(s), torch {torch.__version__}, float64.  ",
+             f"Command: `{' '.join(['python train_synthetic.py', *(argv if argv is not None else sys.argv[1:])])}`  ",
+             f"Wall time (data, fits, unlearning; figures excluded): {elapsed:.1f} s, CPU time {cpu:.1f} s, on "
+             f"{cfg.threads} CPU thread(s){shared}, torch {torch.__version__}, {cfg.dtype}.  ",
              f"Seeds {', '.join(map(str, cfg.seeds))}; K={cfg.n_classes}, d={cfg.d}, N={cfg.n_features}, "
              f"n_retain={cfg.n_retain}, n_forget={cfg.n_forget}, n_eval={cfg.n_eval}. "
              "Distances are mean KL(retain model || current) on the forget / retain eval sets. "
@@ -775,26 +948,36 @@ def main(argv=None) -> int:
              f"evaluations (every {cfg.eval_every} steps, step 0 to {cfg.steps}), 'retain at min' the retain "
              "distance at that seed's step.", ""]
     for alpha in cfg.alphas:
-        grads = tasks[alpha].fit_grad_norm
+        task, run = tasks[alpha], runs[alpha]["run"]
+        grads = task.fit_grad_norm
+        fit_name = ("exact damped Newton" if cfg.fit == "newton"
+                    else f"gradient descent, lr {cfg.fit_gd_lr:g}, {cfg.fit_gd_steps} steps")
+        per_seed = lambda values, digits=3: ", ".join(f"{v:.{digits}f}" for v in values)  # noqa: E731
         lines += [f"## alpha = {alpha:g}", "",
-                  f"Fits (Newton, float64, from a = 0): max gradient norm fine-tuned "
-                  f"{max(grads['finetuned']):.1e}, retain {max(grads['retain']):.1e}.", ""]
-        lines += summary_table(summarize_run(runs[alpha]["run"], runs[alpha]["methods"])) + [""]
+                  f"Fits ({fit_name}, float64, from a = 0): max gradient norm fine-tuned "
+                  f"{max(grads['finetuned']):.1e}, retain {max(grads['retain']):.1e}. Per seed "
+                  f"({', '.join(map(str, task.seeds))}): ||a_finetuned|| "
+                  f"{per_seed(task.a_finetuned.flatten(1).norm(dim=1).tolist(), 1)}; ||a_retain|| "
+                  f"{per_seed(task.a_retain.flatten(1).norm(dim=1).tolist(), 1)}; start forget distance "
+                  f"{per_seed(run['forget_distance'][0, :, 0].tolist())}; start retain distance "
+                  f"{per_seed(run['retain_distance'][0, :, 0].tolist(), 4)}.", ""]
+        lines += summary_table(summarize_run(run, runs[alpha]["methods"])) + [""]
+    lines += [f"## Collapse rate (alpha = 1, GA and NPO b={cfg.collapse_beta:g}, both lr {cfg.collapse_lr:g}, "
+              f"{cfg.collapse_steps} steps)", "",
+              "Per seed, least-squares fits of y = c0 + c1 t and y = c0 + c1 log t over the window; "
+              "mean ± std over seeds. Linear growth: the fit against t has R^2 ~ 1; logarithmic growth: "
+              "the fit against log t has R^2 ~ 1 and the one against t is worse.", "",
+              "| method | quantity y | window | y at end | slope vs t | R^2 (t) | slope vs log t | R^2 (log t) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in records["collapse_fits"]:
+        lines.append(f"| {r['method']} | {'‖a_t − a_0‖' if r['quantity'] == 'drift' else 'forget NLL'} "
+                     f"| {r['t_from']}–{r['t_to']} | {_fmt(r['end_value'], 3)} "
+                     f"| {r['linear_slope'][0]:.3e} ± {r['linear_slope'][1]:.1e} | {_fmt(r['linear_r2'])} "
+                     f"| {_fmt(r['log_slope'], 3)} | {_fmt(r['log_r2'])} |")
+    lines.append("")
     if sweep is not None:
         lines += [f"## Beta sweep (alpha = 1, lr {cfg.sweep_lr:g}, {cfg.sweep_steps} steps)", ""]
         lines += summary_table(summarize_run(sweep["run"], sweep["methods"])) + [""]
-        lines += ["## Collapse rate (GA vs NPO b=1 in the sweep run, same lr)", "",
-                  "Per seed, least-squares fits of y = c0 + c1 t and y = c0 + c1 log t over the window; "
-                  "mean ± std over seeds. Linear growth: the linear fit's R^2 ~ 1; logarithmic growth: the "
-                  "log fit's R^2 ~ 1 and the linear fit is worse.", "",
-                  "| method | quantity y | window | y at end | slope vs t | R^2 (t) | slope vs log t | R^2 (log t) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in records["collapse"]:
-            lines.append(f"| {r['method']} | {'‖a_t − a_0‖' if r['quantity'] == 'drift' else 'forget NLL'} "
-                         f"| {r['t_from']}–{r['t_to']} | {_fmt(r['end_value'], 3)} "
-                         f"| {r['linear_slope'][0]:.3e} ± {r['linear_slope'][1]:.1e} | {_fmt(r['linear_r2'])} "
-                         f"| {_fmt(r['log_slope'], 3)} | {_fmt(r['log_r2'])} |")
-        lines.append("")
     comparison = paper_comparison({a: runs[a] for a in cfg.alphas if a in (0.0, 1.0)})
     if comparison:
         lines += ["## Paper vs measured (seed means; 'close' = within 35% or 0.02 absolute of the paper's "
@@ -805,14 +988,17 @@ def main(argv=None) -> int:
     atomic_write_text(os.path.join(cfg.out_dir, "trajectories.json"),
                       json.dumps(_jsonable(records), allow_nan=False))
     atomic_write_text(os.path.join(cfg.out_dir, "summary.md"), summary + "\n")
+    written = ["trajectories.json", "summary.md"]
     if cfg.plot:
         plot_figure(os.path.join(cfg.out_dir, "figure2.png"), runs)
+        plot_collapse(os.path.join(cfg.out_dir, "collapse.png"), collapse, records["collapse_fits"])
+        written += ["figure2.png", "collapse.png"]
         if sweep is not None:
             plot_sweep(os.path.join(cfg.out_dir, "beta_sweep.png"), sweep)
+            written.append("beta_sweep.png")
     print(summary)
-    print(f"wrote {cfg.out_dir}/trajectories.json, summary.md"
-          + (", figure2.png" + (", beta_sweep.png" if sweep else "") if cfg.plot else "")
-          + f"; total {time.perf_counter() - t_start:.1f} s", flush=True)
+    print(f"wrote {', '.join(os.path.join(cfg.out_dir, w) for w in written)}; "
+          f"total {time.perf_counter() - t_start:.1f} s", flush=True)
     return 0
 
 

@@ -326,7 +326,7 @@ def train_answer_nll(model, pairs, *, epochs: int, lr: float, batch_size: int, s
             opt.step()
             step += 1
             tokens += float(n.sum())
-            loss_sum += float(loss) * float(n.sum())
+            loss_sum += loss.item() * float(n.sum())
         epoch_losses.append(loss_sum / max(tokens, 1))
         elapsed = time.time() - t0
         log(f"[{tag}] epoch {epoch + 1}/{epochs} step {step}/{total} answer loss "
@@ -549,8 +549,11 @@ def run_method(name: str, st: Stages, enc, target_path: Path, target, ud: Unlear
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                status = f"diverged (non-finite weights at epoch {epoch + 1}, step {step + 1})"
+                break
             for k, v in (("loss", loss), ("forget", forget), ("retain", retain)):
-                sums[k] += float(v)
+                sums[k] += v.item()
         train_seconds = time.time() - t0
         if status != "ok":
             log(f"[{name}] {status}; stopping this method")

@@ -51,14 +51,18 @@ def naive_greedy(model, prompt, max_new_tokens, eos_id=None):
 
 # --------------------------------------------------------------------------- architecture
 
+def hand_param_count(V, block_size, n_layer, C):
+    ln = 2 * C  # weight and bias
+    attn = (C * 3 * C + 3 * C) + (C * C + C)  # c_attn, c_proj
+    mlp = (C * 4 * C + 4 * C) + (4 * C * C + C)  # c_fc, c_proj
+    # wte (shared with lm_head), wpe, blocks, ln_f
+    return V * C + block_size * C + n_layer * (2 * ln + attn + mlp) + ln
+
+
 def test_param_count_matches_hand_count():
-    V, Tb, L, C = 97, 64, 2, 32
-    per_block = (2 * C) + (3 * C * C + 3 * C) + (C * C + C) + (2 * C) + (4 * C * C + 4 * C) + (4 * C * C + C)
-    #            ln_1      c_attn                attn c_proj  ln_2      c_fc                  mlp c_proj
-    expected = V * C + Tb * C + L * per_block + 2 * C  # wte (= lm_head), wpe, blocks, ln_f
-    assert GPT(TINY).num_params() == expected
-    # The default: vocabulary 4,096, about 4M parameters.
-    assert GPTConfig() == GPTConfig(4096, 256, 4, 4, 256, 0.0, True)
+    assert GPT(TINY).num_params() == hand_param_count(97, 64, 2, 32)
+    assert GPTConfig() == GPTConfig(4096, 256, 4, 4, 256, 0.0, True)  # the defaults
+    assert GPT(GPTConfig()).num_params() == hand_param_count(4096, 256, 4, 256) == 4_273_664
 
 
 def test_lm_head_tied_to_token_embedding():
@@ -113,7 +117,7 @@ def test_forward_rejects_sequence_longer_than_block_size():
 def test_cached_batched_generation_equals_naive_decoding():
     model = sharp_model()
     prompts = random_prompts()
-    assert len({len(p) for p in prompts}) > 3  # really different lengths, so left padding is exercised
+    assert len({len(p) for p in prompts}) > 3  # different lengths: left padding is exercised
     expected = [naive_greedy(model, p, 25)[0] for p in prompts]
     assert len({t for row in expected for t in row}) > 20  # decoding is not degenerate
     assert model.generate(prompts, 25, eos_id=None) == expected  # one batch

@@ -449,3 +449,41 @@ def test_cuda_fused_equals_plain(dtype, tol):
     loss = npo.fused_npo_loss(hidden, weight, labels, logp_ref, 0.5, chunk_size=37, compile=True)
     grad_h, grad_w = torch.autograd.grad(loss, (hidden, weight))
     assert rel_err(loss, want) < tol and rel_err(grad_h, want_gh) < tol and rel_err(grad_w, want_gw) < tol
+
+
+def test_fused_under_autocast_matches_plain_under_autocast():
+    """Under bf16 autocast both paths run the lm_head matmul in bf16 and the softmax in fp32."""
+    hidden, weight, labels = random_problem()
+    logp_ref = torch.randn(labels.shape[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = npo.npo_loss(npo.sequence_logprob(hidden @ weight.T, labels)[0], logp_ref, 0.5)
+    want_gh, want_gw = torch.autograd.grad(want, (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = npo.fused_sequence_logprob(hidden, weight, labels, chunk_size=4, compile=False)
+        got = npo.npo_loss(logp, logp_ref, 0.5)
+        fused = npo.fused_npo_loss(hidden, weight, labels, logp_ref, 0.5, chunk_size=4, compile=False)
+    assert logp.dtype == torch.float32
+    for loss in (got, fused):
+        grad_h, grad_w = torch.autograd.grad(loss, (hidden, weight))
+        assert grad_h.dtype == torch.float32 and grad_w.dtype == torch.float32
+        assert rel_err(loss, want) < 1e-2 and rel_err(grad_h, want_gh) < 1e-2 and rel_err(grad_w, want_gw) < 1e-2
+    # and the matmul really ran in bf16: the fp32 result differs by more than fp32 rounding
+    exact = npo.npo_loss(npo.sequence_logprob(hidden @ weight.T, labels)[0], logp_ref, 0.5)
+    assert rel_err(fused, exact) > 1e-5
+
+
+def test_fused_fp64_matches_plain_fp64_tightly():
+    """In fp64 rounding vanishes, so any algorithmic slip (shift, chunk seams, weights) shows."""
+    hidden, weight, labels = random_problem(dtype=torch.float64)
+    logp_ref = torch.randn(labels.shape[0], dtype=torch.float64)
+    logp_plain = npo.sequence_logprob(hidden @ weight.T, labels)[0]
+    want = npo.npo_loss(logp_plain, logp_ref, 0.9)
+    want_gh, want_gw = torch.autograd.grad(want, (hidden, weight))
+    assert torch.allclose(logp_plain, oracle_sequence_logprob(hidden @ weight.T, labels), rtol=1e-12, atol=1e-10)
+    for chunk_size in (1, 6):
+        logp, _ = npo.fused_sequence_logprob(hidden, weight, labels, chunk_size=chunk_size, compile=False)
+        grad_h, grad_w = torch.autograd.grad(npo.npo_loss(logp, logp_ref, 0.9), (hidden, weight))
+        assert rel_err(grad_h, want_gh) < 1e-12 and rel_err(grad_w, want_gw) < 1e-12
+        fused = npo.fused_npo_loss(hidden, weight, labels, logp_ref, 0.9, chunk_size=chunk_size, compile=False)
+        grad_h, grad_w = torch.autograd.grad(fused, (hidden, weight))
+        assert rel_err(fused, want) < 1e-12 and rel_err(grad_h, want_gh) < 1e-12 and rel_err(grad_w, want_gw) < 1e-12
