@@ -1,8 +1,8 @@
 """Benchmark: the lm_head + per-sequence log-prob + NPO loss, forward and backward, and one NPO
 training step with a cached versus a recomputed reference model.
 
-    python bench_logprob.py --out bench_logprob.md            # full grid (several minutes on 2 cores)
-    python bench_logprob.py --quick                           # V in {4096, 50257}, 2048 tokens, 1 repeat
+    python bench_logprob.py --out bench_logprob.md     # full grid, one round (~9 min on 2 busy cores)
+    python bench_logprob.py --quick                    # V in {4096, 50257}, 2048 tokens only
 
 Variants, each computing L = npo_loss(logp, logp_ref, beta) from hidden (B, T, H), the lm_head
 weight (V, H) and labels, then L.backward():
@@ -23,9 +23,9 @@ OS (malloc_trim), resets the kernel's peak-RSS counter (writes 5 to /proc/self/c
 VmRSS as the baseline; after the step it reads VmHWM. "peak MB" = VmHWM - baseline, the most
 resident memory the step added above its inputs (the gradients it returns included), the largest
 over the repeats. Time: wall time of one forward+backward, min and median over the repeats.
-On a shared machine, read the
-minimum. --repeats rounds are run, each round running every variant once (one timed step per
-process), so that a burst of load from other programs hits all variants alike.
+--repeats rounds are run, each running every variant once (one timed step per process), so that
+a burst of load from other programs hits all variants alike; on a shared machine use
+--repeats 3 (or more) and read the minimum.
 
 The reference-step benchmark trains model.py's GPT (one process, the two modes interleaved):
     recomputed: logp_ref = sequence_logprob(ref_model(x)) under no_grad, then the policy step
@@ -61,8 +61,8 @@ class BenchConfig:
     tokens: list[int] = field(default_factory=lambda: [2048, 8192])  # label tokens per step
     hidden: int = 768
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    chunk_size: int = npo.DEFAULT_CHUNK_SIZE
-    repeats: int = 2  # rounds; each runs every variant once in a fresh process
+    chunk_size: int | None = None  # None: npo.default_chunk_size(V)
+    repeats: int = 1  # rounds; each runs every variant once in a fresh process
     ref_step: bool = True
     ref_step_repeats: int = 5
     threads: int = 0  # torch threads in the workers; 0 = torch's default
@@ -145,7 +145,8 @@ def _check_against_plain(variant: str, V: int, H: int, chunk_size: int) -> float
 def worker(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    V, N, H, variant, chunk = spec["V"], spec["N"], spec["H"], spec["variant"], spec["chunk_size"]
+    V, N, H, variant = spec["V"], spec["N"], spec["H"], spec["variant"]
+    chunk = spec["chunk_size"] or npo.default_chunk_size(V)
     t0 = time.perf_counter()
     check = _check_against_plain(variant, V, H, chunk)
     warmup_s = time.perf_counter() - t0
@@ -284,12 +285,12 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=d.tokens, help="label tokens per step")
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--variants", nargs="+", default=d.variants, choices=VARIANTS)
-    p.add_argument("--chunk-size", type=int, default=d.chunk_size)
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="label tokens per chunk (default: npo.default_chunk_size(V))")
     p.add_argument("--repeats", type=int, default=d.repeats, help="rounds: fresh processes (timed steps) per variant")
     p.add_argument("--no-ref-step", dest="ref_step", action="store_false", help="skip the cached-vs-recomputed step")
     p.add_argument("--ref-step-repeats", type=int, default=d.ref_step_repeats)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: torch's default)")
-    p.add_argument("--quick", action="store_true", help="2048 tokens only, one repeat")
+    p.add_argument("--quick", action="store_true", help="2048 tokens only, one round")
     p.add_argument("--out", default=d.out, help="also write the markdown report to this file")
     try:
         cfg = BenchConfig(**vars(p.parse_args(argv)))
@@ -322,7 +323,8 @@ def main(argv=None) -> int:
     threads = next((r["threads"] for r in rows if "threads" in r), torch.get_num_threads())
     report = [
         f"# bench_logprob: NPO loss forward+backward, H = {cfg.hidden}, fp32, CPU, {threads} threads, "
-        f"torch {torch.__version__}, chunk_size = {cfg.chunk_size}",
+        f"torch {torch.__version__}, chunk_size = "
+        + (str(cfg.chunk_size) if cfg.chunk_size else "npo.default_chunk_size(V) (2048 at V = 4096, 512 at V = 50257)"),
         "",
         "Command: `python bench_logprob.py " + " ".join(argv) + "`",
         "",

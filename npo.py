@@ -12,7 +12,7 @@ Conventions shared by everything below:
 - Every loss is a pure function of per-example log-prob tensors of shape (B,), so it works for any
   model that yields them (the GPT here, or the synthetic K-class classifier where |y| = 1).
 
-Map: log-probs (sequence_logprob, fused_sequence_logprob), losses (ga_loss, retain_nll, idk_loss,
+Map: the shift (shift_labels), log-probs (sequence_logprob, fused_sequence_logprob), losses (ga_loss, retain_nll, idk_loss,
 npo_loss, dpo_loss, simnpo_loss, kl_divergence, kl_retain), fused losses that form their gradients
 in forward (fused_sequence_loss, fused_npo_loss), the method table (METHODS, get_method), and the
 cached reference (precompute_ref_logprobs).
@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_SIZE = 512  # label tokens per chunk: 512 x 50257 fp32 logits = 103 MB
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Label tokens per chunk of the fused path: at least 512 rows (smaller matmuls run measurably
+    slower on a CPU), and more for small vocabularies, up to 8M logits (32 MB in fp32).
+    V = 50257: 512 tokens, a 103 MB fp32 block; V = 4096: 2048 tokens."""
+    return max(512, (1 << 23) // vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,13 +53,13 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 -> fp32; fp32 and fp64 unchanged."""
     return x.to(_acc_dtype(x))
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _check_targets(targets: torch.Tensor, vocab_size: int) -> None:
@@ -283,6 +289,14 @@ def _label_positions(hidden, weight, labels):
     return hidden[mask], weight, token_targets, mask
 
 
+def _check_chunk_size(chunk_size: int | None, weight: torch.Tensor) -> int:
+    if chunk_size is None:
+        return default_chunk_size(weight.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return chunk_size
+
+
 def _sum_per_sequence(token_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """token_logp (N,) of the mask's positions (b, T) -> per-sequence sums (b,), summed over T as
     in sequence_logprob (a running index_add in fp32 would lose ~1e-3 on 128 tokens of ~-10)."""
@@ -293,21 +307,21 @@ def fused_sequence_logprob(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     compile: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sequence_logprob(hidden @ weight.T, labels) without materialising the (B, T, V) logits.
 
     hidden: (B, T, C) final hidden states (after ln_f).   weight: (V, C) lm_head weight.
-    labels: (B, T) as for sequence_logprob.   chunk_size: label tokens per chunk.
+    labels: (B, T) as for sequence_logprob.   chunk_size: label tokens per chunk
+    (None: default_chunk_size(V)).
     compile: run the chunk kernels through torch.compile (None: on CUDA only); falls back to eager
     with a warning where compiling fails.
     Returns logp (B,) fp32 and n_tokens (B,). Only label positions are computed at all; backward
     recomputes each chunk's logits. For NPO/GA/NLL prefer fused_sequence_loss, which is cheaper.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     token_hidden, weight, token_targets, mask = _label_positions(hidden, weight, labels)
+    chunk_size = _check_chunk_size(chunk_size, weight)
     use_compile = _use_compile(compile, hidden.device)
     token_logp = _LinearTokenLogprob.apply(token_hidden, weight, token_targets, chunk_size, use_compile)  # (N,)
     return _sum_per_sequence(token_logp, mask), mask.sum(dim=1)
@@ -395,7 +409,7 @@ def fused_sequence_loss(
     weight: torch.Tensor,
     labels: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     compile: bool | None = None,
     return_logp: bool = False,
 ):
@@ -409,9 +423,8 @@ def fused_sequence_loss(
     gradients, so one backward per forward.
     Returns the loss (scalar), or (loss, logp (B,) detached) with return_logp.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     token_hidden, weight, token_targets, mask = _label_positions(hidden, weight, labels)
+    chunk_size = _check_chunk_size(chunk_size, weight)
     use_compile = _use_compile(compile, hidden.device)
     loss, logp = _FusedSequenceLoss.apply(token_hidden, weight, token_targets, mask, loss_fn, chunk_size, use_compile)
     return (loss, logp) if return_logp else loss
@@ -423,7 +436,7 @@ def fused_npo_loss(
     labels: torch.Tensor,
     logp_ref: torch.Tensor,
     beta: float,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     compile: bool | None = None,
     return_logp: bool = False,
 ):

@@ -608,51 +608,130 @@ def summary_table(rows: list[dict]) -> list[str]:
     return out
 
 
-def plot_figure(path: str, runs: dict) -> None:
-    """The paper's Figure 2 layout: (a1) forget vs step, (a2) retain vs step, (a3) retain vs forget
-    for alpha = 1, (b) forget vs step for alpha = 0; seed means with error bars (std over seeds).
-
-    Distance axes stop at 1.5x the largest starting distance (forget) or the largest mean
-    (retain): a diverging seed would otherwise flatten every other curve; the JSON has everything.
-    Error bars are every tenth evaluation (every fifth point in (a3)).
-    """
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
-    colors = {}
-    panels = [(1.0, "forget_distance", "(a1) forget distance, alpha=1"),
-              (1.0, "retain_distance", "(a2) retain distance, alpha=1"),
+
+def outlier_seeds(values: torch.Tensor, seeds, factor: float = 5.0) -> list[tuple[int, float]]:
+    """Seeds that alone set the spread: (seed, ratio) where the mean std over seeds of `values`
+    (E, S, M) is more than `factor` times what it is without that seed. Needs >= 3 seeds."""
+    v = values.double().masked_fill(~torch.isfinite(values), float("nan"))
+    S = v.shape[1]
+    if S < 3:
+        return []
+    spread = torch.nanmean(v.std(1)).item()
+    found = []
+    for s in range(S):
+        rest = torch.nanmean(torch.cat([v[:, :s], v[:, s + 1:]], 1).std(1)).item()
+        ratio = spread / rest if rest > 0 else float("inf")
+        if ratio > factor:
+            found.append((seeds[s], ratio))
+    return found
+
+
+def _outlier_note(values: torch.Tensor, seeds, where: str) -> str:
+    """A sentence naming the outlier seeds of `values` (E, S, M) and how far they move the final
+    means, or '' when there are none."""
+    found = outlier_seeds(values, seeds)
+    if not found:
+        return ""
+    v = values.double()
+    keep = [s for s, seed in enumerate(seeds) if seed not in {f[0] for f in found}]
+    with_all, without = v[-1].mean(0).max().item(), v[-1, keep].mean(0).max().item()
+    names = ", ".join(f"{seed} (std over seeds {ratio:.0f}x larger with it)" for seed, ratio in found)
+    return (f"{where}: outlier seed {names}; final mean, largest over methods: "
+            f"{with_all:.3g} with it, {without:.3g} without.")
+
+
+def _band(ax, x, values: torch.Tensor, color, label=None, alpha=0.15, **line) -> None:
+    """Seed mean of `values` (E, S) as a line, +-1 std (ddof=1) over seeds as a light band."""
+    mean = values.mean(1)
+    ax.plot(x, mean, color=color, label=label, lw=1.6, **line)
+    if values.shape[1] > 1:
+        std = values.std(1)
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=alpha, lw=0)
+
+
+def _marker_indices(steps: list[int], n: int = 4) -> list[int]:
+    """Indices of the evaluations nearest to n evenly spaced steps after 0 (0 excluded)."""
+    targets = [steps[-1] * k / n for k in range(1, n + 1)]
+    return sorted({min(range(1, len(steps)), key=lambda i: abs(steps[i] - t)) for t in targets})
+
+
+def plot_figure(path: str, runs: dict) -> None:
+    """The paper's Figure 2 layout: (a1) forget vs step, (a2) retain vs step, (a3) retain vs forget
+    for alpha = 1, (b) forget vs step for alpha = 0. Lines are seed means; the error bars are a
+    shaded +-1 std band over seeds in (a1), (a2), (b), and vertical retain-distance bars at a few
+    marked steps in (a3) (its forget-distance spread is (a1)'s band).
+
+    Distance axes stop at 1.5x the largest starting distance (forget) or 1.1x the largest mean
+    (retain): a diverging or outlying seed would otherwise flatten every other curve. The suptitle
+    names any seed that alone sets the spread (outlier_seeds); the JSON has every seed's values.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(20, 5.2))
+    colors, notes, n_seeds = {}, [], set()
+    panels = [(1.0, "forget_distance", "(a1) forget distance vs step, alpha=1"),
+              (1.0, "retain_distance", "(a2) retain distance vs step, alpha=1"),
               (1.0, None, "(a3) retain vs forget distance, alpha=1"),
-              (0.0, "forget_distance", "(b) forget distance, alpha=0")]
+              (0.0, "forget_distance", "(b) forget distance vs step, alpha=0")]
     for ax, (alpha, metric, title) in zip(axes, panels):
-        ax.set_title(title)
+        ax.set_title(title, fontsize=11)
+        ax.grid(alpha=0.3)
         if alpha not in runs:
             ax.text(0.5, 0.5, f"alpha={alpha:g} not run", ha="center", transform=ax.transAxes)
             continue
-        run, methods = runs[alpha]["run"], runs[alpha]["methods"]
+        run, methods, seeds = runs[alpha]["run"], runs[alpha]["methods"], runs[alpha]["seeds"]
+        n_seeds.add(len(seeds))
         steps = run["steps"]
-        every = max(1, len(steps) // 10)
         fd, rd = run["forget_distance"].double(), run["retain_distance"].double()    # (E, S, M)
         f_top = 1.5 * fd[0].mean(0).max().item()
         r_top = 1.1 * torch.nan_to_num(rd.mean(1), nan=0.0).max().item()
-        for m, spec in enumerate(methods):
-            color = colors.setdefault(spec.label, f"C{len(colors)}")
-            f, r = fd[:, :, m], rd[:, :, m]
-            if metric is None:
-                ax.errorbar(f.mean(1), r.mean(1), xerr=f.std(1), yerr=r.std(1), errorevery=2 * every,
-                            color=color, label=spec.label, capsize=2, lw=1.5, elinewidth=0.6, alpha=0.9)
-                ax.set(xlabel="forget distance", ylabel="retain distance", xlim=(0, f_top), ylim=(0, r_top))
-            else:
-                y = f if metric == "forget_distance" else r
-                ax.errorbar(steps, y.mean(1), yerr=y.std(1), errorevery=every, color=color,
-                            label=spec.label, capsize=2, lw=1.5)
-                ax.set(xlabel="step", ylabel=metric.replace("_", " "),
-                       ylim=(0, f_top if metric == "forget_distance" else r_top))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        if metric == "forget_distance":
+            note = _outlier_note(fd, seeds, f"alpha={alpha:g}, forget distance")
+            if note and note not in notes:
+                notes.append(note)
+        if metric is None:
+            marks = _marker_indices(steps)
+            for m, spec in enumerate(methods):
+                color = colors.setdefault(spec.label, f"C{len(colors)}")
+                f, r = fd[:, :, m].mean(1), rd[:, :, m]
+                ax.plot(f, r.mean(1), color=color, lw=1.6, label=spec.label)
+                ax.errorbar(f[marks], r.mean(1)[marks], yerr=r.std(1)[marks] if r.shape[1] > 1 else None,
+                            fmt="o", ms=4, color=color, capsize=2, elinewidth=0.8)
+            ax.plot(fd[0, :, 0].mean(), rd[0, :, 0].mean(), "k*", ms=11, zorder=5)
+            ax.annotate("start", (fd[0, :, 0].mean().item(), rd[0, :, 0].mean().item()),
+                        textcoords="offset points", xytext=(6, 6), fontsize=9)
+            ax.text(0.02, 0.97, f"mean path; dots at steps {', '.join(str(steps[i]) for i in marks)}\n"
+                    "bars: ±1 std of retain distance over seeds",
+                    transform=ax.transAxes, va="top", fontsize=8.5,
+                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.8))
+            # y range of the paths' visible part (x <= f_top): GA's retain distance keeps growing off to the right
+            fm, rm = fd.mean(1), rd.mean(1)                                          # (E, M)
+            shown = torch.nan_to_num(torch.where(fm <= f_top, rm, 0.0), nan=0.0)
+            ax.set(xlabel="forget distance", ylabel="retain distance", xlim=(0, f_top),
+                   ylim=(0, min(r_top, 1.3 * shown.max().item())))
+        else:
+            for m, spec in enumerate(methods):
+                color = colors.setdefault(spec.label, f"C{len(colors)}")
+                _band(ax, steps, (fd if metric == "forget_distance" else rd)[:, :, m], color, spec.label,
+                      alpha=0.07)  # light: six bands overlap
+            ax.set(xlabel="step", ylabel=metric.replace("_", " "), xlim=(0, steps[-1]),
+                   ylim=(0, f_top if metric == "forget_distance" else r_top))
+    handles = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=max(len(handles), 1), frameon=False,
+               fontsize=10)
+    seeds_text = "/".join(str(n) for n in sorted(n_seeds)) or "0"
+    fig.suptitle(f"NPO paper Figure 2, synthetic experiment: lines = mean over {seeds_text} seeds, "
+                 "shaded: ±1 std over seeds (y-axes clipped; trajectories.json holds every seed's values)\n"
+                 + (" ".join(notes) if notes else "no outlier seed"), fontsize=11.5)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     _save(fig, path)
     plt.close(fig)
 
@@ -661,59 +740,65 @@ def _line_style(spec: MethodSpec) -> dict:
     return {"color": "k", "ls": "--"} if spec.forget == "ga" else {}
 
 
-def plot_sweep(path: str, sweep: dict) -> None:
-    """NPO at several betas next to GA (same lr): the retain-vs-forget distance plane, and forget vs step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_sweep(path: str, sweep: dict, seeds=None) -> None:
+    """NPO at several betas next to GA (same lr): the retain-vs-forget distance plane, and forget vs step.
+    Seed means only (log axes, where a -1 std edge is often <= 0); the suptitle names outlier seeds."""
+    plt = _pyplot()
     run, methods = sweep["run"], sweep["methods"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    fd, rd = run["forget_distance"].double(), run["retain_distance"].double()        # (E, S, M)
+    seeds = list(seeds) if seeds is not None else [f"#{s + 1}" for s in range(fd.shape[1])]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
     for m, spec in enumerate(methods):
-        f = run["forget_distance"][:, :, m].double().mean(1)
-        r = run["retain_distance"][:, :, m].double().mean(1)
-        axes[0].plot(f, r, label=spec.label, lw=1.5, **_line_style(spec))
+        f, r = fd[:, :, m].mean(1), rd[:, :, m].mean(1)
+        line, = axes[0].plot(f, r, label=spec.label, lw=1.5, **_line_style(spec))
+        axes[0].plot(f[-1], r[-1], "o", ms=5, color=line.get_color())
         axes[1].plot(run["steps"], f, label=spec.label, lw=1.5, **_line_style(spec))
+    axes[0].plot(fd[0, :, 0].mean(), rd[0, :, 0].mean(), "k*", ms=11, zorder=5, label="start (step 0)")
     # log axes: GA runs off to distances ~100x larger than NPO's within the sweep
     axes[0].set(xlabel="forget distance", ylabel="retain distance", xscale="log", yscale="log",
-                title=f"beta sweep, alpha=1, lr {methods[0].lr:g} (seed means)")
+                title="retain vs forget distance (dot: last step)")
     axes[1].set(xlabel="step", ylabel="forget distance", yscale="log", title="forget distance vs step")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    note = _outlier_note(fd, seeds, "forget distance")
+    fig.suptitle(f"NPO beta sweep vs GA, alpha=1, lr {methods[0].lr:g}: lines = mean over {fd.shape[1]} seeds "
+                 "(no error bars on log axes; trajectories.json holds every seed's values)\n"
+                 + (note or "no outlier seed"), fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     _save(fig, path)
     plt.close(fig)
 
 
-def plot_collapse(path: str, collapse: dict, fits: list[dict]) -> None:
-    """The collapse-rate theorem: ||a_t - a_0|| of GA and NPO against t, and NPO's against log t."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_collapse(path: str, collapse: dict, fits: list[dict], seeds=None) -> None:
+    """The collapse-rate theorem: ||a_t - a_0|| of GA and NPO against t, and NPO's against log t;
+    seed means with a shaded +-1 std band over seeds."""
+    plt = _pyplot()
     run, methods = collapse["run"], collapse["methods"]
     steps = torch.tensor(run["steps"], dtype=torch.float64)
+    drift_all = run["drift"].double()                                                # (E, S, M)
+    seeds = list(seeds) if seeds is not None else [f"#{s + 1}" for s in range(drift_all.shape[1])]
     slope = {(r["method"], k): r[f"{k}_slope"][0] for r in fits if r["quantity"] == "drift" for k in ("linear", "log")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    every = max(1, len(steps) // 12)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.0))
     for m, spec in enumerate(methods):
-        drift = run["drift"][1:, :, m].double()                                      # (E-1, S), t > 0
-        axes[0].errorbar(steps[1:], drift.mean(1), yerr=drift.std(1), errorevery=every, capsize=2, lw=1.5,
-                         label=f"{spec.label}: slope vs t {slope.get((spec.label, 'linear'), float('nan')):.2e}",
-                         **_line_style(spec))
+        drift = drift_all[1:, :, m]                                                  # (E-1, S), t > 0
+        color = _line_style(spec).get("color", f"C{m}")
+        style = {k: v for k, v in _line_style(spec).items() if k != "color"}
+        _band(axes[0], steps[1:], drift, color,
+              f"{spec.label}: slope vs t {slope.get((spec.label, 'linear'), float('nan')):.2e}", **style)
         if spec.forget != "ga":
-            axes[1].errorbar(steps[1:], drift.mean(1), yerr=drift.std(1), errorevery=every, capsize=2, lw=1.5,
-                             label=f"{spec.label}: slope vs log t {slope.get((spec.label, 'log'), float('nan')):.3f}",
-                             **_line_style(spec))
-    axes[0].set(xlabel="step", ylabel="||a_t - a_0||",
-                title=f"collapse, alpha=1, lr {methods[0].lr:g}: GA grows linearly")
+            _band(axes[1], steps[1:], drift, color,
+                  f"{spec.label}: slope vs log t {slope.get((spec.label, 'log'), float('nan')):.3f}", **style)
+    axes[0].set(xlabel="step", ylabel="||a_t - a_0||", title="GA grows linearly, NPO stays small")
     axes[1].set(xlabel="step (log scale)", ylabel="||a_t - a_0||", xscale="log",
                 title="NPO against log t: a straight line = logarithmic growth")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.legend(fontsize=8, loc="upper left")
+    note = _outlier_note(drift_all[1:], seeds, "||a_t - a_0||")
+    fig.suptitle(f"Collapse rate, alpha=1, lr {methods[0].lr:g}: lines = mean over {drift_all.shape[1]} seeds, "
+                 "shaded: ±1 std over seeds" + (f"\n{note}" if note else ""), fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.93 if note else 0.95))
     _save(fig, path)
     plt.close(fig)
 
@@ -991,10 +1076,11 @@ def run(cfg: SyntheticConfig, argv=None) -> int:
     written = ["trajectories.json", "summary.md"]
     if cfg.plot:
         plot_figure(os.path.join(cfg.out_dir, "figure2.png"), runs)
-        plot_collapse(os.path.join(cfg.out_dir, "collapse.png"), collapse, records["collapse_fits"])
+        plot_collapse(os.path.join(cfg.out_dir, "collapse.png"), collapse, records["collapse_fits"],
+                      seeds=task1.seeds)
         written += ["figure2.png", "collapse.png"]
         if sweep is not None:
-            plot_sweep(os.path.join(cfg.out_dir, "beta_sweep.png"), sweep)
+            plot_sweep(os.path.join(cfg.out_dir, "beta_sweep.png"), sweep, seeds=task1.seeds)
             written.append("beta_sweep.png")
     print(summary)
     print(f"wrote {', '.join(os.path.join(cfg.out_dir, w) for w in written)}; "

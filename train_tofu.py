@@ -13,7 +13,7 @@ samples.md.
 """
 
 import argparse
-import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,29 +39,29 @@ DEFAULT_METHODS = "ga,ga_rt,ga_kl,npo,npo_rt,npo_kl,idk,dpo"
 class TofuConfig:
     # data
     data_dir: str | None = None  # real TOFU directory (or $TOFU_DATA_DIR); None: built-in data
-    n_authors: int = 200  # built-in data only
+    n_authors: int = 40  # built-in data only (the generator's own default is TOFU's 200)
     data_seed: int = 0
     split: str = "forget10"
     # tokenizer and model
     tokenizer: str = "bpe"  # bpe (trained here) or gpt2 (tiktoken's, where available locally)
-    vocab_size: int = 4096
-    n_layer: int = 4
+    vocab_size: int = 2048
+    n_layer: int = 2
     n_head: int = 4
-    n_embd: int = 256
+    n_embd: int = 128
     block_size: int = 256
     # base model: trained from scratch on real_authors + world_facts
-    base_epochs: int = 60
-    base_lr: float = 1e-3
+    base_epochs: int = 40
+    base_lr: float = 3e-3
     # target (full) and retain (retainYY) models: fine-tuned from the base model
-    finetune_epochs: int = 12
-    finetune_lr: float = 1e-3
+    finetune_epochs: int = 20
+    finetune_lr: float = 3e-3
     mix_base: bool = True  # keep the base QA pairs in every fine-tuning epoch
-    batch_size: int = 32
+    batch_size: int = 16
     # unlearning
     methods: str = DEFAULT_METHODS
     unlearn_epochs: int = 5
-    unlearn_lr: float = 2e-4
-    unlearn_batch_size: int = 32
+    unlearn_lr: float = 5e-4
+    unlearn_batch_size: int = 16
     beta: float = 0.1  # NPO / DPO / SimNPO inverse temperature
     simnpo_delta: float = 0.0
     forget_coef: float = 1.0  # weight of the forget term (GA, NPO, IDK, DPO, SimNPO)
@@ -69,7 +69,7 @@ class TofuConfig:
     # evaluation
     ds_size: int = 300  # TOFU evaluates the first 300 rows of each split
     eval_batch_size: int = 128
-    max_new_tokens: int = 48
+    max_new_tokens: int = 0  # 0: the longest ground-truth answer of the evaluated rows, in tokens
     rouge: str = "builtin"
     # system
     seed: int = 0
@@ -85,8 +85,8 @@ class TofuConfig:
 # Presets set the size of a run; any option given on the command line overrides them.
 PRESETS = {
     "default": {},
-    "quick": dict(n_authors=40, n_layer=2, n_embd=128, vocab_size=2048, base_epochs=40,
-                  finetune_epochs=12, unlearn_epochs=4, ds_size=100),
+    "quick": dict(n_authors=20, n_layer=1, base_epochs=25, finetune_epochs=12,
+                  finetune_lr=5e-3, unlearn_batch_size=8, unlearn_epochs=4),
     "toy": dict(n_authors=20, n_layer=1, n_head=2, n_embd=32, vocab_size=600, base_epochs=2,
                 finetune_epochs=1, unlearn_epochs=2, ds_size=16, max_new_tokens=8,
                 eval_batch_size=64),
@@ -116,7 +116,7 @@ HELP = {
     "forget_coef": "weight of the forget term", "retain_coef": "weight of the retain term (RT / KL)",
     "ds_size": "rows of each evaluation split (TOFU: 300)",
     "eval_batch_size": "sequences per evaluation forward / generation batch",
-    "max_new_tokens": "generation length bound for ROUGE",
+    "max_new_tokens": "generation length bound for ROUGE (0: the longest evaluated answer)",
     "rouge": "builtin (no stemming) or rouge_score (TOFU's scorer with Porter stemming)",
     "seed": "training seed", "device": "cpu or cuda", "dtype": "float32 or bfloat16 (autocast)",
     "compile": "torch.compile the model for training", "logprob": "plain or fused log-prob path",
@@ -242,16 +242,22 @@ class Stages:
         self.target_key = {**self.base_key, "stage": "target", "train_split": "full", **ft}
         self.retain_split = data.retain_split_for(cfg.split)
         self.retain_key = {**self.base_key, "stage": "retain", "train_split": self.retain_split, **ft}
+        self.refresh_keys()
+        default_name = f"{'tofu' if self.real_data else 'generated'}-{cfg.split}"
+        if cfg.preset != "default":
+            default_name += f"-{cfg.preset}"
+        self.run_dir = self.root / (cfg.run_name or default_name)
+
+    def refresh_keys(self) -> None:
+        """Keys of the evaluation and unlearning stages (they depend on max_new_tokens, which is
+        resolved once the tokenizer exists)."""
+        cfg = self.cfg
         self.eval_key = {k: getattr(cfg, k) for k in ("split", "ds_size", "max_new_tokens", "rouge")}
         self.unlearn_key = {"target": config_key(self.target_key),
                             "retain": config_key(self.retain_key), **self.eval_key,
                             **{k: getattr(cfg, k) for k in (
                                 "unlearn_epochs", "unlearn_lr", "unlearn_batch_size", "beta",
                                 "simnpo_delta", "forget_coef", "retain_coef", "seed", "logprob")}}
-        default_name = f"{'tofu' if self.real_data else 'generated'}-{cfg.split}"
-        if cfg.preset != "default":
-            default_name += f"-{cfg.preset}"
-        self.run_dir = self.root / (cfg.run_name or default_name)
 
     def stage_dir(self, name: str, key: dict) -> Path:
         return self.cache / f"{name}-{config_key(key)}"
@@ -288,6 +294,16 @@ def prepare_tokenizer(st: Stages):
     return data.build_encoding(ranks)
 
 
+def longest_eval_answer(enc, st: Stages) -> int:
+    """Tokens of the longest ground-truth answer among the evaluated rows (+1 for EOS): a greedy
+    answer longer than that cannot raise ROUGE-L recall of a faithful model."""
+    longest = 0
+    for spec in tofu_eval.split_specs(st.cfg.split):
+        for row in data.load_split(st.data_dir, spec.data_split)[:st.cfg.ds_size]:
+            longest = max(longest, len(enc.encode_ordinary(" " + row["answer"])) + 1)
+    return longest
+
+
 def encode_rows(enc, rows, block_size: int, where: str) -> list:
     pairs = [data.encode_qa(enc, r["question"], r["answer"]) for r in rows]
     longest = max((len(ids) for ids, _ in pairs), default=0)
@@ -304,14 +320,16 @@ def train_answer_nll(model, pairs, *, epochs: int, lr: float, batch_size: int, s
     Returns the mean training loss of each epoch."""
     device = cfg.device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    n_batches = math.ceil(len(pairs) / batch_size)
-    total, warmup = epochs * n_batches, max(1, epochs * n_batches // 20)
+    total = epochs * len(data.bucketed_batch_indices([0] * len(pairs), batch_size, 0))
+    warmup = max(1, total // 20)
     fwd = torch.compile(model) if cfg.compile else model
+    lengths = [len(ids) for ids, _ in pairs]
     model.train()
     epoch_losses, step, t0 = [], 0, time.time()
     for epoch in range(epochs):
         tokens = loss_sum = 0.0
-        for idx in data.batch_indices(len(pairs), batch_size, seed, epoch):
+        # batches of similar lengths: TOFU's QA pairs run from 30 to 200 tokens, and padding is waste
+        for idx in data.bucketed_batch_indices(lengths, batch_size, seed, epoch):
             # lr: linear warmup, then cosine decay to 10% of the peak
             frac = step / warmup if step < warmup else (step - warmup) / max(1, total - warmup)
             step_lr = lr * frac if step < warmup else lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
@@ -467,7 +485,7 @@ class UnlearningData:
 
 
 def unlearning_loss(method, model, ref_model, ud: UnlearningData, f_idx, r_idx, cfg: TofuConfig):
-    """The method's loss on one step: forget_coef * forget term + retain_coef * retain term.
+    """The method's loss on one step (npo.Method): forget_coef * forget term + retain_coef * retain term.
     Returns (loss, forget term, retain term) as tensors."""
     dev = cfg.device
     ids_f, lab_f = ud.batch(ud.forget, f_idx, dev)
@@ -502,7 +520,7 @@ def unlearning_loss(method, model, ref_model, ud: UnlearningData, f_idx, r_idx, 
             with torch.no_grad():
                 ref_logits = ref_model(ids_r)
         retain = npo.kl_retain(logits, ref_logits, lab_r)
-    loss = cfg.forget_coef * forget + cfg.retain_coef * retain
+    loss = method.forget_coef * forget + method.retain_coef * retain
     return loss, forget.detach(), retain.detach()
 
 
@@ -511,7 +529,7 @@ def run_method(name: str, st: Stages, enc, target_path: Path, target, ud: Unlear
     """Unlearn with one method for cfg.unlearn_epochs epochs; evaluate and checkpoint after each.
     Returns one metrics record per epoch. Resumes from the last finished epoch."""
     cfg = st.cfg
-    method = npo.get_method(name)
+    method = dataclasses.replace(npo.get_method(name), forget_coef=cfg.forget_coef, retain_coef=cfg.retain_coef)
     out = st.run_dir / "methods" / f"{name}-{config_key({**st.unlearn_key, 'method': name})}"
     out.mkdir(parents=True, exist_ok=True)
     records = [json.loads(p.read_text()) for p in sorted(out.glob("epoch_*.json"))]
@@ -520,7 +538,9 @@ def run_method(name: str, st: Stages, enc, target_path: Path, target, ud: Unlear
         return records
 
     model, _ = load_checkpoint(target_path, map_location=cfg.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.unlearn_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    # beta2 = 0.999 (HF's default, as in TOFU's and NPO's code): a short second-moment memory
+    # would rescale NPO's fading gradients back up and undo what its weights W_i do.
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.unlearn_lr, betas=(0.9, 0.999), weight_decay=0.01)
     start_epoch, seconds = 0, 0.0
     if records and (out / "state.pt").exists():
         state = torch.load(out / "state.pt", map_location=cfg.device, weights_only=True)
@@ -529,7 +549,7 @@ def run_method(name: str, st: Stages, enc, target_path: Path, target, ud: Unlear
         start_epoch, seconds = state["epoch"], state["seconds"]
         records = records[:start_epoch]
         log(f"[{name}] resuming after epoch {start_epoch}")
-    ref_model = target if method.retain == "kl" else None  # alive only where the KL term needs it
+    ref_model = target if method.needs_ref_model else None  # only the KL term needs pi_ref per step
     fwd = torch.compile(model) if cfg.compile else model
     n_f = len(ud.forget)
     steps_per_epoch = math.ceil(n_f / cfg.unlearn_batch_size)
@@ -541,6 +561,10 @@ def run_method(name: str, st: Stages, enc, target_path: Path, target, ud: Unlear
         r_batches = data.batch_indices(len(ud.retain), cfg.unlearn_batch_size, cfg.seed + 1, epoch)
         sums = {"loss": 0.0, "forget": 0.0, "retain": 0.0}
         for step, f_idx in enumerate(f_batches):
+            # lr: linear warmup over the first epoch, then constant
+            global_step = epoch * steps_per_epoch + step
+            for g in opt.param_groups:
+                g["lr"] = cfg.unlearn_lr * min(1.0, (global_step + 1) / steps_per_epoch)
             r_idx = r_batches[step % len(r_batches)]
             loss, forget, retain = unlearning_loss(method, fwd, ref_model, ud, f_idx, r_idx, cfg)
             if not torch.isfinite(loss):
@@ -739,11 +763,14 @@ def run(cfg: TofuConfig) -> Path:
     torch.manual_seed(cfg.seed)
     st = Stages(cfg)
     st.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(st.run_dir / "config.json", asdict(cfg))
     log(f"run {st.run_dir} | data {st.data_key} | split {cfg.split} | methods {cfg.methods}")
 
     prepare_data(st)
     enc = prepare_tokenizer(st)
+    if cfg.max_new_tokens <= 0:
+        cfg.max_new_tokens = longest_eval_answer(enc, st)
+        st.refresh_keys()
+    write_json_atomic(st.run_dir / "config.json", asdict(cfg))
     base_path = prepare_base(st, enc)
     target_path = prepare_finetuned(st, enc, base_path, "target")
     retain_path = prepare_finetuned(st, enc, base_path, "retain")

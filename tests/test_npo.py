@@ -209,7 +209,7 @@ def test_fused_loss_scales_with_upstream_gradient_and_refuses_second_backward():
     hidden, weight, labels = random_problem()
     logp_ref = torch.randn(labels.shape[0])
     want = 2.5 * npo.npo_loss(npo.sequence_logprob(hidden @ weight.T, labels)[0], logp_ref, 0.3)
-    want_gw, = torch.autograd.grad(want, weight)
+    (want_gw,) = torch.autograd.grad(want, weight)
     loss = npo.fused_npo_loss(hidden, weight, labels, logp_ref, 0.3, chunk_size=6, compile=False)
     (2.5 * loss).backward(retain_graph=True)
     assert rel_err(weight.grad, want_gw) < 1e-5

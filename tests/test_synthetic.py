@@ -227,3 +227,29 @@ def test_help_exits_zero(capsys):
         ts.main(["--help"])
     assert exc.value.code == 0
     assert "--sweep-beta" in capsys.readouterr().out
+
+
+def test_outlier_seed_is_the_one_that_sets_the_spread():
+    # seeds 7, 8, 9 at one evaluation: (0, 1, 10). Std over seeds (ddof=1) sqrt(91/3) with all three,
+    # sqrt(1/2) without the 10, sqrt(81/2) and sqrt(50) without the others.
+    values = torch.tensor([0.0, 1.0, 10.0]).view(1, 3, 1)
+    (seed, ratio), = ts.outlier_seeds(values, [7, 8, 9])
+    assert seed == 9 and ratio == pytest.approx(math.sqrt(182 / 3))
+    assert ts.outlier_seeds(torch.tensor([0.0, 1.0, 2.0]).view(1, 3, 1), [7, 8, 9]) == []  # even spread
+    assert ts.outlier_seeds(values[:, :2], [7, 8]) == []  # two seeds: no "rest" to compare with
+
+
+@pytest.mark.parametrize("seeds", [[1, 2, 3], [1]])
+def test_figures_are_written_with_divergence_and_a_single_seed(seeds, tmp_path):
+    """Plotting must not crash on a non-finite (diverged) seed, a missing setting or one seed."""
+    task = ts.make_task(1.0, seeds, **SMALL)
+    methods = [ts.method_spec("GA", 1.0), ts.method_spec("NPO", 1.0)]
+    run = ts.unlearn(task, methods, steps=20, eval_every=5)
+    run["forget_distance"][-2:, 0, 0] = float("nan")  # seed 0 of GA diverges near the end
+    ts.plot_figure(str(tmp_path / "figure2.png"), {1.0: {"run": run, "methods": methods, "seeds": seeds}})
+    ts.plot_collapse(str(tmp_path / "collapse.png"), {"run": run, "methods": methods},
+                     ts.collapse_rates(run, methods), seeds=seeds)
+    ts.plot_sweep(str(tmp_path / "beta_sweep.png"), {"run": run, "methods": methods}, seeds=seeds)
+    for name in ("figure2.png", "collapse.png", "beta_sweep.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beta_sweep.png", "collapse.png", "figure2.png"]
