@@ -62,6 +62,7 @@ LOG_STEMS = {
 UTILITY_STEMS = ("eval_log", "eval_real_author_wo_options", "eval_real_world_wo_options")
 FORGET_STEM = "eval_log_forget"
 FORGET_SPLITS = ("forget01", "forget05", "forget10")  # the ones TOFU publishes perturbed files for
+_FORGET_SPLIT = re.compile(r"forget\d\d")  # others need a forgetXX_perturbed file (generated data has them)
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ class SplitSpec:
 
 
 def split_specs(forget_split: str) -> list[SplitSpec]:
-    if forget_split not in FORGET_SPLITS:
-        raise ValueError(f"unknown forget split {forget_split!r}; expected one of "
+    if not _FORGET_SPLIT.fullmatch(forget_split):
+        raise ValueError(f"unknown forget split {forget_split!r}; expected forgetXX, e.g. "
                          f"{', '.join(FORGET_SPLITS)} (TOFU has perturbed answers only for these)")
     return [
         SplitSpec("eval_log_forget", f"{forget_split}_perturbed", "paraphrased_answer"),

@@ -59,7 +59,7 @@ class TofuConfig:
     batch_size: int = 16
     # unlearning
     methods: str = DEFAULT_METHODS
-    unlearn_epochs: int = 5
+    unlearn_epochs: int = 10
     unlearn_lr: float = 5e-4
     unlearn_batch_size: int = 16
     beta: float = 0.1  # NPO / DPO / SimNPO inverse temperature
@@ -86,7 +86,7 @@ class TofuConfig:
 PRESETS = {
     "default": {},
     "quick": dict(n_authors=20, n_layer=1, base_epochs=25, finetune_epochs=12,
-                  finetune_lr=5e-3, unlearn_batch_size=8, unlearn_epochs=4),
+                  finetune_lr=5e-3, unlearn_batch_size=8, unlearn_epochs=6),
     "toy": dict(n_authors=20, n_layer=1, n_head=2, n_embd=32, vocab_size=600, base_epochs=2,
                 finetune_epochs=1, unlearn_epochs=2, ds_size=16, max_new_tokens=8,
                 eval_batch_size=64),
@@ -99,7 +99,8 @@ HELP = {
     "data_dir": "directory with TOFU's .json files (default: $TOFU_DATA_DIR, else built-in data)",
     "n_authors": "number of fictitious authors in the built-in data",
     "data_seed": "seed of the built-in data generator",
-    "split": "forget split: forget01, forget05, forget10 (and forget20/30/50/90 for training)",
+    "split": "forget split: forget01, forget05, forget10; forget20/30/50/90 where a forgetXX_perturbed "
+             "file exists (the built-in data has them, TOFU does not)",
     "tokenizer": "bpe: a byte-level BPE trained on the data; gpt2: tiktoken's gpt2 (needs its files)",
     "vocab_size": "BPE vocabulary size, <|endoftext|> included",
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "model width",
@@ -131,7 +132,9 @@ class ConfigError(ValueError):
 
 def parse_config(argv=None) -> TofuConfig:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__.split("\n\n")[0],
+        epilog="Defaults shown are the default preset's; --preset quick/toy/gpu change some of them "
+               "(see PRESETS in train_tofu.py), and an option given here overrides its preset.")
     defaults = TofuConfig()
     for f in fields(TofuConfig):
         default = getattr(defaults, f.name)
@@ -143,7 +146,7 @@ def parse_config(argv=None) -> TofuConfig:
             kind = {int: int, float: float}.get(type(default), str)
             choices = list(PRESETS) if f.name == "preset" else None
             parser.add_argument(name, type=kind, default=argparse.SUPPRESS, choices=choices,
-                                help=HELP[f.name] + f" (default: {default})")
+                                help=HELP[f.name] + ("" if default is None else f" (default: {default})"))
     parser.add_argument("--quick", action="store_true", default=argparse.SUPPRESS,
                         help="shorthand for --preset quick (a few minutes on a laptop CPU)")
     args = vars(parser.parse_args(argv))
@@ -366,9 +369,13 @@ def mean_answer_loss(model, pairs, cfg: TofuConfig) -> float:
     return total / max(count, 1)
 
 
+def base_rows(data_dir) -> list[dict]:
+    """The knowledge a model has before it meets the fictitious authors."""
+    return data.load_split(data_dir, "real_authors") + data.load_split(data_dir, "world_facts")
+
+
 def base_pairs(enc, data_dir, block_size):
-    rows = data.load_split(data_dir, "real_authors") + data.load_split(data_dir, "world_facts")
-    return encode_rows(enc, rows, block_size, "real_authors/world_facts")
+    return encode_rows(enc, base_rows(data_dir), block_size, "real_authors/world_facts")
 
 
 def prepare_base(st: Stages, enc) -> Path:
@@ -630,9 +637,33 @@ def repeated_ngram_share(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def is_degenerate(text: str) -> bool:
-    """Degenerate: no word at all, or at least half of its word 3-grams are repeats."""
-    return not _WORD.search(text.lower()) or repeated_ngram_share(text) >= 0.5
+def unknown_word_share(text: str, vocab: set[str]) -> float:
+    """Share of a generation's words that never occur in the training text (gibberish)."""
+    words = _WORD.findall(text.lower())
+    return sum(w not in vocab for w in words) / len(words) if words else 0.0
+
+
+def is_degenerate(text: str, vocab: set[str]) -> bool:
+    """Degenerate: no word at all, at least half of its word 3-grams repeated, or at least half
+    of its words unknown to the training text."""
+    return (not _WORD.search(text.lower()) or repeated_ngram_share(text) >= 0.5
+            or unknown_word_share(text, vocab) >= 0.5)
+
+
+def training_vocabulary(data_dir) -> set[str]:
+    """Every word of the fine-tuning text (full, real_authors, world_facts, refusals)."""
+    rows = data.load_split(data_dir, "full") + base_rows(data_dir)
+    texts = [r[k] for r in rows for k in ("question", "answer")] + data.load_idk(data_dir)
+    return {w for t in texts for w in _WORD.findall(t.lower())}
+
+
+def degeneracy(logs: dict, vocab: set[str]) -> dict:
+    """Degeneracy figures of the forget-question generations in `logs`."""
+    gens = [g for _, g, _ in generations(logs)]
+    n = max(len(gens), 1)
+    return {"Degenerate Share": sum(is_degenerate(g, vocab) for g in gens) / n,
+            "Repeated 3-gram Share": sum(repeated_ngram_share(g) for g in gens) / n,
+            "Unknown Word Share": sum(unknown_word_share(g, vocab) for g in gens) / n}
 
 
 def generations(logs: dict) -> list[tuple[str, str, str]]:
@@ -667,22 +698,23 @@ def report(st: Stages, target_rec: dict, retain_rec: dict, results: dict, method
           "|---|---|---|---|---|---|---|---|---|---|"]
     for rec, label in ((target_rec, "target (before unlearning)"), (retain_rec, "retain model")):
         md.append(f"| {label} | - | {fmt_num(rec['Forget Quality'])} | {fmt_num(rec['Model Utility'])} | "
-                  f"{fmt_num(rec['Forget ROUGE'])} | | | | {rec.get('degenerate_share', 0):.2f} | |")
+                  f"{fmt_num(rec['Forget ROUGE'])} | | | | {rec['Degenerate Share']:.2f} | |")
     for name, recs in results.items():
         ok = [r for r in recs if r.get("status") == "ok"]
         final = ok[-1] if ok else {}
         status = recs[-1]["status"] if recs else "no epochs"
         best = best_epoch(recs, target_mu)
-        g = final.get("degenerate_share")
+        g = final.get("Degenerate Share")
+        seconds = f"{recs[-1]['seconds']:.1f}" if recs else "n/a"
         md.append(f"| {name} | {status} | {fmt_num(final.get('Forget Quality'))} | "
                   f"{fmt_num(final.get('Model Utility'))} | {fmt_num(final.get('Forget ROUGE'))} | "
                   f"{fmt_num(best['Forget Quality']) if best else 'n/a'} | "
                   f"{fmt_num(best['Model Utility']) if best else 'n/a'} | "
                   f"{best['epoch'] if best else 'n/a'} | {'n/a' if g is None else f'{g:.2f}'} | "
-                  f"{fmt_num(recs[-1].get('seconds')) if recs else 'n/a'} |")
+                  f"{seconds} |")
     md += ["", "FQ = Forget Quality (KS-test p-value against the retain model), MU = Model Utility, "
-           "degenerate = share of forget-question generations with no word or with at least half "
-           "of their word 3-grams repeated.", ""]
+           "degenerate = share of forget-question generations that are degenerate (see samples.md), "
+           "wall s = training and evaluation time of the method.", ""]
     text = "\n".join(md)
     write_text_atomic(run / "summary.md", text)
     print(text)
@@ -736,24 +768,19 @@ def samples(st: Stages, results: dict, method_dirs: dict, n_questions: int = 5) 
             md += [f"- **{name}**: {gens[i][1]!r}" for name, gens in per_method.items()]
             md.append("")
     md += ["## Degeneracy", "",
-           "Share of forget-question generations that are degenerate (no word, or at least half of "
-           "their word 3-grams repeated), and the mean repeated-3-gram share.", "",
-           "| method | status | degenerate | mean repeated 3-grams |", "|---|---|---|---|"]
+           "Per method, over all forget-question generations: the share that is degenerate (no "
+           "word, at least half of its word 3-grams repeated, or at least half of its words absent "
+           "from the training text), the mean share of repeated 3-grams, and the mean share of "
+           "unknown words.", "",
+           "| method | status | degenerate | repeated 3-grams | unknown words |", "|---|---|---|---|---|"]
     for name, recs in results.items():
-        status = recs[-1]["status"] if recs else "no epochs"
-        gens = per_method.get(name, [])
-        if gens:
-            deg = sum(is_degenerate(g) for _, g, _ in gens) / len(gens)
-            rep = sum(repeated_ngram_share(g) for _, g, _ in gens) / len(gens)
-            md.append(f"| {name} | {status} | {deg:.2f} | {rep:.2f} |")
+        final = recs[-1] if recs else {}
+        if "Degenerate Share" in final:
+            md.append(f"| {name} | {final['status']} | {final['Degenerate Share']:.2f} | "
+                      f"{final['Repeated 3-gram Share']:.2f} | {final['Unknown Word Share']:.2f} |")
         else:
-            md.append(f"| {name} | {status} | n/a | n/a |")
+            md.append(f"| {name} | {final.get('status', 'no epochs')} | n/a | n/a | n/a |")
     write_text_atomic(st.run_dir / "samples.md", "\n".join(md) + "\n")
-
-
-def degenerate_share(logs: dict) -> float:
-    gens = generations(logs)
-    return sum(is_degenerate(g) for _, g, _ in gens) / max(len(gens), 1)
 
 
 # ----------------------------------------------------------------------------- main
@@ -766,6 +793,10 @@ def run(cfg: TofuConfig) -> Path:
     log(f"run {st.run_dir} | data {st.data_key} | split {cfg.split} | methods {cfg.methods}")
 
     prepare_data(st)
+    perturbed = st.data_dir / f"{cfg.split}_perturbed.json"
+    if not perturbed.exists():
+        raise ConfigError(f"{perturbed}: not found; evaluating {cfg.split} needs it (TOFU publishes "
+                          f"it for forget01/05/10 only; the built-in data has it for every split)")
     enc = prepare_tokenizer(st)
     if cfg.max_new_tokens <= 0:
         cfg.max_new_tokens = longest_eval_answer(enc, st)
@@ -779,14 +810,15 @@ def run(cfg: TofuConfig) -> Path:
     target.eval()
     for p in target.parameters():
         p.requires_grad_(False)
+    vocab = training_vocabulary(st.data_dir)
     retain_logs = cached_eval(st, enc, "retain", retain_path)
     target_logs = cached_eval(st, enc, "target", target_path, model=target, ref_model=target)
     target_rec = {"method": "target", "epoch": 0, "status": "ok",
                   **tofu_eval.aggregate(target_logs, retain_logs),
-                  "degenerate_share": degenerate_share(target_logs)}
+                  **degeneracy(target_logs, vocab)}
     retain_rec = {"method": "retain", "epoch": 0, "status": "ok",
                   **tofu_eval.aggregate(retain_logs, retain_logs),
-                  "degenerate_share": degenerate_share(retain_logs)}
+                  **degeneracy(retain_logs, vocab)}
     log(f"target: FQ {fmt_num(target_rec['Forget Quality'])} MU {target_rec['Model Utility']:.4f} | "
         f"retain: MU {retain_rec['Model Utility']:.4f}")
 
@@ -798,8 +830,7 @@ def run(cfg: TofuConfig) -> Path:
         out = st.run_dir / "methods" / f"{name}-{config_key({**st.unlearn_key, 'method': name})}"
         method_dirs[name] = out
         if recs and recs[-1].get("status") == "ok" and (out / "logs").exists():
-            recs[-1]["degenerate_share"] = degenerate_share(
-                tofu_eval.read_logs(out / "logs", stems=("eval_log_forget",)))
+            recs[-1].update(degeneracy(tofu_eval.read_logs(out / "logs", stems=("eval_log_forget",)), vocab))
         results[name] = recs
     report(st, target_rec, retain_rec, results, method_dirs)
     log(f"done in {time.time() - t_start:.0f}s: {st.run_dir}")

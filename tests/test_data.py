@@ -195,7 +195,11 @@ def pairs(records):
 
 
 def test_generator_writes_tofus_files_with_tofus_row_counts(gen_dir):
-    assert sorted(p.name for p in gen_dir.iterdir()) == TOFU_FILES
+    # TOFU's files, plus forgetXX_perturbed for the splits TOFU publishes none for
+    extra = [f"forget{p}_perturbed.json" for p in ("20", "30", "50", "90")]
+    assert sorted(p.name for p in gen_dir.iterdir()) == sorted(TOFU_FILES + extra)
+    for p in ("20", "30", "50", "90"):
+        assert pairs(data.load_split(gen_dir, f"forget{p}_perturbed")) == pairs(data.load_split(gen_dir, f"forget{p}"))
     for name, n in TOFU_ROWS.items():
         assert len(data.load_split(gen_dir, name)) == n, name
     for name in OPTION_FILES:

@@ -227,8 +227,12 @@ def test_cli_bad_split_and_missing_dir_exit_2(tmp_path, capsys):
     assert e.value.code == 2
     assert ev.main(["aggregate", "--unlearned-logs", str(tmp_path / "nope")]) == 2
     assert "no such log directory" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="unknown forget split 'forget20'"):
-        ev.split_specs("forget20")
+    with pytest.raises(ValueError, match="unknown forget split 'retain90'"):
+        ev.split_specs("retain90")
+    # forget20 and larger have no perturbed file in TOFU: the loader names the missing file
+    import data
+    with pytest.raises(data.DataError, match="forget20_perturbed.json"):
+        data.load_split(tmp_path, "forget20_perturbed")
 
 
 # ----------------------------------------------------------------------------- end to end
