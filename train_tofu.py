@@ -50,10 +50,10 @@ class TofuConfig:
     n_embd: int = 128
     block_size: int = 256
     # base model: trained from scratch on real_authors + world_facts
-    base_epochs: int = 40
+    base_epochs: int = 60
     base_lr: float = 3e-3
     # target (full) and retain (retainYY) models: fine-tuned from the base model
-    finetune_epochs: int = 20
+    finetune_epochs: int = 30
     finetune_lr: float = 3e-3
     mix_base: bool = True  # keep the base QA pairs in every fine-tuning epoch
     batch_size: int = 16
