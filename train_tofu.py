@@ -531,13 +531,18 @@ def unlearning_loss(method, model, ref_model, ud: UnlearningData, f_idx, r_idx, 
     return loss, forget.detach(), retain.detach()
 
 
+def method_dir(st: Stages, name: str) -> Path:
+    """A method's results, keyed by everything they depend on: a changed option starts afresh."""
+    return st.run_dir / "methods" / f"{name}-{config_key({**st.unlearn_key, 'method': name})}"
+
+
 def run_method(name: str, st: Stages, enc, target_path: Path, target, ud: UnlearningData,
-               retain_logs: dict, target_metrics: dict) -> list[dict]:
+               retain_logs: dict) -> list[dict]:
     """Unlearn with one method for cfg.unlearn_epochs epochs; evaluate and checkpoint after each.
     Returns one metrics record per epoch. Resumes from the last finished epoch."""
     cfg = st.cfg
     method = dataclasses.replace(npo.get_method(name), forget_coef=cfg.forget_coef, retain_coef=cfg.retain_coef)
-    out = st.run_dir / "methods" / f"{name}-{config_key({**st.unlearn_key, 'method': name})}"
+    out = method_dir(st, name)
     out.mkdir(parents=True, exist_ok=True)
     records = [json.loads(p.read_text()) for p in sorted(out.glob("epoch_*.json"))]
     if (out / "done.json").exists():
@@ -826,9 +831,8 @@ def run(cfg: TofuConfig) -> Path:
     results, method_dirs = {}, {}
     for i, name in enumerate(method_list(cfg)):
         log(f"stage unlearning: method {i + 1}/{len(method_list(cfg))}: {name}")
-        recs = run_method(name, st, enc, target_path, target, ud, retain_logs, target_rec)
-        out = st.run_dir / "methods" / f"{name}-{config_key({**st.unlearn_key, 'method': name})}"
-        method_dirs[name] = out
+        recs = run_method(name, st, enc, target_path, target, ud, retain_logs)
+        out = method_dirs[name] = method_dir(st, name)
         if recs and recs[-1].get("status") == "ok" and (out / "logs").exists():
             recs[-1].update(degeneracy(tofu_eval.read_logs(out / "logs", stems=("eval_log_forget",)), vocab))
         results[name] = recs
