@@ -87,6 +87,9 @@ PRESETS = {
     "default": {},
     "quick": dict(n_authors=20, n_layer=1, base_epochs=25, finetune_epochs=12,
                   finetune_lr=5e-3, unlearn_batch_size=8, unlearn_epochs=6),
+    # Real TOFU (picked when a data directory is given and no preset is): 4,000 QA pairs twice as
+    # long as the built-in ones, so fewer epochs to fit a CPU hour, and a larger BPE for the text.
+    "tofu": dict(vocab_size=4096, base_epochs=40, finetune_epochs=10, unlearn_epochs=5),
     "toy": dict(n_authors=20, n_layer=1, n_head=2, n_embd=32, vocab_size=600, base_epochs=2,
                 finetune_epochs=1, unlearn_epochs=2, ds_size=16, max_new_tokens=8,
                 eval_batch_size=64),
@@ -122,7 +125,8 @@ HELP = {
     "seed": "training seed", "device": "cpu or cuda", "dtype": "float32 or bfloat16 (autocast)",
     "compile": "torch.compile the model for training", "logprob": "plain or fused log-prob path",
     "out_dir": "output root", "run_name": "name of the results directory (default from data/split)",
-    "preset": "size preset: default, quick, toy (tests), gpu (TOFU scale on one GPU)",
+    "preset": "size preset: default (built-in data), tofu (real TOFU on a CPU; the default with "
+              "--data-dir), quick, toy (tests), gpu (TOFU scale on one GPU)",
 }
 
 
@@ -133,8 +137,9 @@ class ConfigError(ValueError):
 def parse_config(argv=None) -> TofuConfig:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Defaults shown are the default preset's; --preset quick/toy/gpu change some of them "
-               "(see PRESETS in train_tofu.py), and an option given here overrides its preset.")
+        epilog="Defaults shown are the default preset's; --preset tofu/quick/toy/gpu change some of "
+               "them (see PRESETS in train_tofu.py; tofu is the default with --data-dir), and an "
+               "option given here overrides its preset.")
     defaults = TofuConfig()
     for f in fields(TofuConfig):
         default = getattr(defaults, f.name)
@@ -152,7 +157,8 @@ def parse_config(argv=None) -> TofuConfig:
     args = vars(parser.parse_args(argv))
     if args.pop("quick", False):
         args.setdefault("preset", "quick")
-    preset = args.get("preset", "default")
+    real_data = args.get("data_dir") or os.environ.get("TOFU_DATA_DIR")
+    preset = args.setdefault("preset", "tofu" if real_data else "default")
     cfg = TofuConfig(**{**PRESETS[preset], **args})
     check_config(cfg)
     return cfg
@@ -247,7 +253,7 @@ class Stages:
         self.retain_key = {**self.base_key, "stage": "retain", "train_split": self.retain_split, **ft}
         self.refresh_keys()
         default_name = f"{'tofu' if self.real_data else 'generated'}-{cfg.split}"
-        if cfg.preset != "default":
+        if cfg.preset not in ("default", "tofu"):
             default_name += f"-{cfg.preset}"
         self.run_dir = self.root / (cfg.run_name or default_name)
 
