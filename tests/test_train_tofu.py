@@ -108,3 +108,12 @@ def test_bad_input_exits_2(tmp_path, capsys, args, words):
     assert "Traceback" not in err
     for w in words:
         assert w in err
+
+
+def test_presets_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv("TOFU_DATA_DIR", raising=False)
+    assert train_tofu.parse_config([]).preset == "default"
+    real = train_tofu.parse_config(["--data-dir", str(tmp_path)])  # real data: the CPU-hour preset
+    assert (real.preset, real.vocab_size, real.finetune_epochs) == ("tofu", 4096, 10)
+    quick = train_tofu.parse_config(["--quick", "--n-layer", "3"])  # an explicit option beats the preset
+    assert (quick.preset, quick.n_authors, quick.n_layer) == ("quick", 20, 3)
