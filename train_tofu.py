@@ -201,12 +201,6 @@ def config_key(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n")
-    os.replace(tmp, path)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -282,7 +276,7 @@ def prepare_data(st: Stages) -> Path:
     else:
         t0 = time.time()
         data.write_tofu_style_dataset(st.data_dir, n_authors=st.cfg.n_authors, seed=st.cfg.data_seed)
-        write_json_atomic(done, st.data_key)
+        tofu_eval.write_json_atomic(done, st.data_key)
         log(f"stage data: generated {st.cfg.n_authors} authors in {time.time() - t0:.1f}s -> {st.data_dir}")
     return st.data_dir
 
@@ -403,7 +397,7 @@ def prepare_base(st: Stages, enc) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, model, data.tokenizer_spec(enc), asdict(cfg), step=0,
                     extra={"stage": "base", "train_losses": losses})
-    write_json_atomic(out / "done.json", {"key": st.base_key, "seconds": time.time() - t0,
+    tofu_eval.write_json_atomic(out / "done.json", {"key": st.base_key, "seconds": time.time() - t0,
                                           "final_train_loss": losses[-1]})
     return path
 
@@ -432,7 +426,7 @@ def prepare_finetuned(st: Stages, enc, base_path: Path, which: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, model, data.tokenizer_spec(enc), asdict(cfg), step=0,
                     extra={"stage": which, "train_losses": losses})
-    write_json_atomic(out / "done.json", {"key": key, "train_split": split, "answer_loss": answer_loss,
+    tofu_eval.write_json_atomic(out / "done.json", {"key": key, "train_split": split, "answer_loss": answer_loss,
                                           "seconds": time.time() - t0})
     return path
 
@@ -457,7 +451,7 @@ def cached_eval(st: Stages, enc, which: str, model_path: Path, model=None, ref_m
     logs = evaluate(model, enc, st, ref_model=ref_model)
     out.mkdir(parents=True, exist_ok=True)
     tofu_eval.write_logs(out, logs)
-    write_json_atomic(out / "done.json", {"key": st.eval_key, "seconds": time.time() - t0})
+    tofu_eval.write_json_atomic(out / "done.json", {"key": st.eval_key, "seconds": time.time() - t0})
     log(f"stage eval {which}: {time.time() - t0:.1f}s")
     return logs
 
@@ -542,7 +536,7 @@ def method_dir(st: Stages, name: str) -> Path:
     return st.run_dir / "methods" / f"{name}-{config_key({**st.unlearn_key, 'method': name})}"
 
 
-def run_method(name: str, st: Stages, enc, target_path: Path, target, ud: UnlearningData,
+def run_method(name: str, st: Stages, enc, target_path: Path, target, ud: UnlearningData | None,
                retain_logs: dict) -> list[dict]:
     """Unlearn with one method for cfg.unlearn_epochs epochs; evaluate and checkpoint after each.
     Returns one metrics record per epoch. Resumes from the last finished epoch."""
@@ -612,7 +606,7 @@ def run_method(name: str, st: Stages, enc, target_path: Path, target, ud: Unlear
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                     "seconds": seconds}, out / "state.tmp")
         os.replace(out / "state.tmp", out / "state.pt")
-        write_json_atomic(out / f"epoch_{epoch + 1:03d}.json", rec)
+        tofu_eval.write_json_atomic(out / f"epoch_{epoch + 1:03d}.json", rec)
         eta = seconds / (epoch + 1 - start_epoch or 1) * (cfg.unlearn_epochs - epoch - 1)
         log(f"[{name}] epoch {epoch + 1}/{cfg.unlearn_epochs} loss {rec['train_loss']:.4f} "
             f"(forget {rec['train_forget']:.4f}, retain {rec['train_retain']:.4f}) "
@@ -622,8 +616,8 @@ def run_method(name: str, st: Stages, enc, target_path: Path, target, ud: Unlear
     if status != "ok":
         records.append({"method": name, "epoch": len(records) + 1, "status": status,
                         "seconds": seconds})
-        write_json_atomic(out / f"epoch_{len(records):03d}.json", records[-1])
-    write_json_atomic(out / "done.json", {"status": status, "epochs": len(records)})
+        tofu_eval.write_json_atomic(out / f"epoch_{len(records):03d}.json", records[-1])
+    tofu_eval.write_json_atomic(out / "done.json", {"status": status, "epochs": len(records)})
     (out / "state.pt").unlink(missing_ok=True)  # finished: only metrics and logs are kept
     return records
 
@@ -812,7 +806,7 @@ def run(cfg: TofuConfig) -> Path:
     if cfg.max_new_tokens <= 0:
         cfg.max_new_tokens = longest_eval_answer(enc, st)
         st.refresh_keys()
-    write_json_atomic(st.run_dir / "config.json", asdict(cfg))
+    tofu_eval.write_json_atomic(st.run_dir / "config.json", asdict(cfg))
     base_path = prepare_base(st, enc)
     target_path = prepare_finetuned(st, enc, base_path, "target")
     retain_path = prepare_finetuned(st, enc, base_path, "retain")
@@ -833,10 +827,12 @@ def run(cfg: TofuConfig) -> Path:
     log(f"target: FQ {fmt_num(target_rec['Forget Quality'])} MU {target_rec['Model Utility']:.4f} | "
         f"retain: MU {retain_rec['Model Utility']:.4f}")
 
-    ud = UnlearningData(st, enc, target)
+    ud = None  # built (reference log-probs included) only when a method still has work to do
     results, method_dirs = {}, {}
     for i, name in enumerate(method_list(cfg)):
         log(f"stage unlearning: method {i + 1}/{len(method_list(cfg))}: {name}")
+        if ud is None and not (method_dir(st, name) / "done.json").exists():
+            ud = UnlearningData(st, enc, target)
         recs = run_method(name, st, enc, target_path, target, ud, retain_logs)
         out = method_dirs[name] = method_dir(st, name)
         if recs and recs[-1].get("status") == "ok" and (out / "logs").exists():
