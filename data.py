@@ -1,48 +1,78 @@
-"""Tokenizer and question-answer data for the NPO reference implementation.
+"""Tokenizers, prompt formats and TOFU data for the NPO reference implementation.
 
 Three parts, in the order a reader meets them:
 
-1. Tokenizer. A byte-level BPE trainer (`train_bpe`) whose output is the `mergeable_ranks` of a
-   `tiktoken.Encoding` with GPT-2's split pattern and `<|endoftext|>`; ranks are saved in tiktoken's
-   own file format. tiktoken's standard `gpt2` encoding can be used instead where it is cached.
-2. TOFU data. A strict loader for TOFU's JSON Lines files, the QA formatting with its loss mask,
-   collation and deterministic batching.
-3. A TOFU-style dataset generator, the default data when no TOFU directory is given: same file
-   names, same fields, fictitious authors with structured attributes.
+1. Tokenizers. `Tokenizer` is one small interface over the tokenizers of the models unlearning
+   research uses: this project's byte-level BPE (`train_bpe`, saved in tiktoken's rank format),
+   a Hugging Face `tokenizer.json` (byte-level BPE: GPT-2, Llama-3, Qwen2, Phi-1.5; SentencePiece
+   BPE with byte fallback: Llama-2) and Llama-3's `original/tokenizer.model`. tiktoken encodes
+   where its merge rule gives Hugging Face's tokens (`_tiktoken_ranks` says when); `MergeBPE`,
+   Hugging Face's own pair-rank algorithm, everywhere else.
+2. Prompt formats as data (`PromptFormat`, `PROMPT_FORMATS`) and the QA encoding with its loss mask.
+3. Batching and a strict loader for TOFU's JSON Lines files. (`tofu_style.py` writes a TOFU-style
+   dataset in the same format, the default data when no TOFU directory is given.)
 """
 
 from __future__ import annotations
 
 import base64
+import codecs
+import hashlib
 import heapq
 import json
 import os
-import random
 import re
+import unicodedata
+import uuid
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
-import regex  # installed with tiktoken; GPT-2's split pattern needs \p{L} and possessive quantifiers
+import regex  # installed with tiktoken; the split patterns need \p{L} and possessive quantifiers
 import tiktoken
+import tiktoken.load
 import torch
 
+IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, padding); the same as npo's
 EOS = "<|endoftext|>"
-# tiktoken's `gpt2` pat_str (tiktoken_ext/openai_public.py, r50k_pat_str): contractions, letters,
+# tiktoken's `gpt2` pat_str (r50k_pat_str), equal to GPT-2's own split: contractions, letters,
 # digits, punctuation runs, each optionally preceded by one space; whitespace runs otherwise.
-GPT2_SPLIT_PATTERN = (
-    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-)
-IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, padding)
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# Meta's Llama-3 tokenizer.py: case-insensitive contractions, digits in groups of at most three.
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL_TOKENS = [  # ids len(ranks) + i, i.e. 128000.. for Llama-3's 128,000 ranks (Llama-3.1 names)
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+    "<|eot_id|>", "<|python_tag|>", *(f"<|reserved_special_token_{i}|>" for i in range(2, 247))]
+RANKS_FILE = "tokenizer.tiktoken"  # this project's BPE, in tiktoken's "<base64 token> <rank>" lines
 
 
 class DataError(ValueError):
     """Bad data or tokenizer input; the message names the file, the line, the field and what was expected."""
 
 
+def write_atomic(path, content: str | bytes | Callable[[Path], None]) -> None:
+    """Write `content` (text as UTF-8, bytes, or a function that writes the file at the path it is
+    given, e.g. lambda p: torch.save(state, p)) so that `path` holds either its old content or all
+    of the new one: a uniquely named temporary file in the same directory, then os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 # ----------------------------------------------------------------------------------------------
-# 1. Tokenizer
+# 1. Tokenizers
 
 
 def _merge_word(word: list[int], a: int, b: int, new_id: int) -> list[int]:
@@ -67,7 +97,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
     encodes by repeatedly merging the adjacent pair whose concatenation has the lowest rank, which
     replays these merges in training order. The result has vocab_size - 1 entries, or fewer if every
     word of the text has become a single token first; the next id, len(ranks), is <|endoftext|>
-    (see `build_encoding`), so the vocabulary is len(ranks) + 1 <= vocab_size.
+    (see `bpe_tokenizer`), so the vocabulary is len(ranks) + 1 <= vocab_size.
 
     Fast version of the textbook loop (recount all pairs, merge everywhere, repeat): words are
     counted once, each unique word is stored once with its frequency, pair counts and a
@@ -142,132 +172,503 @@ def _train_bpe(texts: Iterable[str], vocab_size: int) -> tuple[dict[bytes, int],
 def _check_ranks(ranks: dict[bytes, int], source: str) -> None:
     n = len(ranks)
     if sorted(ranks.values()) != list(range(n)):
-        raise DataError(f"{source}: ranks must be exactly 0..{n - 1}, each once")
+        raise DataError(f"{source}: ranks must be exactly 0..{n - 1}, each once (a cut or edited file?)")
     missing = [i for i in range(256) if bytes([i]) not in ranks]
     if missing:
         raise DataError(f"{source}: every single byte must be a token; missing byte {missing[0]}")
 
 
-def build_encoding(ranks: dict[bytes, int], name: str = "npo-bpe") -> tiktoken.Encoding:
-    """tiktoken Encoding over `ranks` with GPT-2's split pattern; <|endoftext|> gets id len(ranks)."""
-    _check_ranks(ranks, f"encoding {name!r}")
-    return tiktoken.Encoding(
-        name,
-        pat_str=GPT2_SPLIT_PATTERN,
-        mergeable_ranks=ranks,
-        special_tokens={EOS: len(ranks)},
-        explicit_n_vocab=len(ranks) + 1,
-    )
-
-
-def _ranks_to_text(ranks: dict[bytes, int]) -> str:
-    # tiktoken's format: one "base64(token) rank" line per token, in rank order
-    return "".join(f"{base64.b64encode(tok).decode('ascii')} {r}\n" for tok, r in sorted(ranks.items(), key=lambda x: x[1]))
-
-
-def _ranks_from_text(text: str, source: str) -> dict[bytes, int]:
-    ranks: dict[bytes, int] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        try:
-            if len(parts) != 2:
-                raise ValueError
-            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
-        except ValueError:
-            raise DataError(f"{source}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r}") from None
-        if token in ranks:
-            raise DataError(f"{source}:{lineno}: token {token!r} appears twice")
-        ranks[token] = rank
+def _read_ranks(path) -> dict[bytes, int]:
+    """A tiktoken rank file, parsed by tiktoken.load. It is given the file's hash, because its cache
+    is keyed by path and would otherwise return an older file that was at the same path."""
+    path = Path(path)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        ranks = tiktoken.load.load_tiktoken_bpe(str(path), expected_hash=digest)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the tokenizer ranks ({e.strerror})") from None
+    except ValueError as e:
+        raise DataError(f"{path}: expected tiktoken's '<base64 token> <rank>' lines ({e})") from None
     if not ranks:
-        raise DataError(f"{source}: no ranks found (expected tiktoken's '<base64 token> <rank>' lines)")
-    _check_ranks(ranks, source)
+        raise DataError(f"{path}: no ranks (expected tiktoken's '<base64 token> <rank>' lines)")
+    _check_ranks(ranks, str(path))
     return ranks
 
 
-def save_ranks(ranks: dict[bytes, int], path) -> None:
-    """Write ranks in tiktoken's file format (readable by tiktoken.load.load_tiktoken_bpe), atomically."""
-    _write_atomic(Path(path), _ranks_to_text(ranks))
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte: the alphabet in which byte-level vocabularies are written."""
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
 
 
-def load_ranks(path) -> dict[bytes, int]:
-    path = Path(path)
+def _with_gaps(pattern: str) -> str:
+    # Hugging Face's Split (behavior Isolated) keeps the text between matches as pieces; tiktoken and
+    # findall would drop it. For patterns that match everywhere (all of the known ones) nothing changes.
+    return f"(?:{pattern})|(?:(?!(?:{pattern}))[\\s\\S])+"
+
+
+class MergeBPE:
+    """Hugging Face's BPE model, exactly: a word's symbols (its characters; for byte-level
+    vocabularies the stand-ins of its UTF-8 bytes; characters outside a SentencePiece vocabulary
+    become their <0xXX> byte tokens) are merged one pair at a time, always the adjacent pair listed
+    first in `merges` (the leftmost of equals), until no adjacent pair is listed. Words come from
+    the split regex (byte-level) or from cutting before each "▁" where no merge can cross it
+    (SentencePiece), and are cached, which keeps this fast enough in Python.
+
+    prepend: None for byte-level; for SentencePiece when "▁" goes before the text: "normalizer"
+    (Llama-2's Prepend normalizer: always), or Metaspace's "always", "first" (only for text at the
+    start of the input, not after a special token) or "never"."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, pattern: str | None = None,
+                 prepend: str | None = None, split: bool = False, ignore_merges: bool = False):
+        self.vocab, self.prepend, self.ignore_merges = vocab, prepend, ignore_merges
+        self.merges: dict[tuple[int, int], tuple[int, int]] = {}  # (left id, right id) -> (rank, merged id)
+        for rank, (a, b) in enumerate(merges):  # a pair listed twice keeps its last rank, as in tokenizers
+            if a not in vocab or b not in vocab or a + b not in vocab:
+                raise DataError(f"merge {a!r} + {b!r}: a token or the merged token is not in the vocabulary")
+            self.merges[vocab[a], vocab[b]] = (rank, vocab[a + b])
+        self.cache: dict[str, list[int]] = {}
+        if pattern is not None:  # str.translate tables between latin-1 text (one char per byte) and stand-ins
+            self.split, self.to_stand_in = regex.compile(pattern), bytes_to_unicode()
+            self.to_latin1 = {ord(c): b for b, c in self.to_stand_in.items()}
+            alphabet = self.to_stand_in.values()
+        else:
+            crossing = any(a[-1] != "▁" and b[0] == "▁" for a, b in merges)
+            self.split = None if crossing and not split else re.compile("(?=▁)" if split else "(?<!▁)(?=▁)")
+            alphabet = [f"<0x{b:02X}>" for b in range(256)]
+            self.byte_of = {vocab[t]: b for b, t in enumerate(alphabet) if t in vocab}
+        missing = [t for t in alphabet if t not in vocab]
+        if missing:
+            raise DataError(f"vocabulary has no token {missing[0]!r}: every byte must be representable")
+        self.token_of = {i: t for t, i in vocab.items()}
+
+    def encode_ordinary(self, text: str, first: bool = True) -> list[int]:
+        if self.prepend is None:
+            words = self.split.findall(text)
+        else:
+            if self.prepend == "normalizer" and text:
+                text = " " + text
+            text = text.replace(" ", "▁")
+            if (self.prepend == "always" or self.prepend == "first" and first) and not text.startswith("▁"):
+                text = "▁" + text
+            words = [w for w in self.split.split(text) if w] if self.split else [text]
+        if len(self.cache) > 1_000_000:
+            self.cache.clear()
+        ids = []
+        for word in words:
+            if word not in self.cache:
+                symbols = word if self.prepend else word.encode().decode("latin-1").translate(self.to_stand_in)
+                self.cache[word] = self._merge_word(symbols)
+            ids += self.cache[word]
+        return ids
+
+    def _merge_word(self, word: str) -> list[int]:
+        if self.ignore_merges and word in self.vocab:
+            return [self.vocab[word]]
+        ids = []
+        for char in word:
+            ids += [self.vocab[char]] if char in self.vocab else [self.vocab[f"<0x{b:02X}>"] for b in char.encode()]
+        # tokenizers' Word::merge_all: a heap of (rank, position); an entry is stale when its left
+        # symbol was merged away or the pair there no longer merges into the same token
+        nxt, prv = list(range(1, len(ids))) + [-1], list(range(-1, len(ids) - 1))
+        heap = [(m[0], i, m[1]) for i in range(len(ids) - 1) if (m := self.merges.get((ids[i], ids[i + 1])))]
+        heapq.heapify(heap)
+        while heap:
+            _, i, merged = heapq.heappop(heap)
+            j = nxt[i]
+            if ids[i] is None or j == -1 or self.merges.get((ids[i], ids[j]), (0, None))[1] != merged:
+                continue
+            ids[i], ids[j], nxt[i] = merged, None, nxt[j]
+            if nxt[i] != -1:
+                prv[nxt[i]] = i
+                if m := self.merges.get((merged, ids[nxt[i]])):
+                    heapq.heappush(heap, (m[0], i, m[1]))
+            if prv[i] != -1 and (m := self.merges.get((ids[prv[i]], merged))):
+                heapq.heappush(heap, (m[0], prv[i], m[1]))
+        return [t for t in ids if t is not None]
+
+    def decode(self, ids: list[int]) -> str:
+        if self.prepend is None:
+            latin1 = "".join(self.token_of[i] for i in ids).translate(self.to_latin1)
+            return latin1.encode("latin-1").decode("utf-8", errors="replace")
+        text, pending = [], bytearray()  # a run of byte tokens is one UTF-8 sequence, or U+FFFD per byte
+        for i in list(ids) + [None]:
+            if i in self.byte_of:
+                pending.append(self.byte_of[i])
+                continue
+            if pending:
+                try:
+                    text.append(pending.decode("utf-8"))
+                except UnicodeDecodeError:
+                    text.append("\ufffd" * len(pending))
+                pending = bytearray()
+            text.append("" if i is None else self.token_of[i].replace("▁", " "))
+        text = "".join(text)
+        return text[1:] if self.prepend != "never" and text.startswith(" ") else text
+
+
+def _tiktoken_ranks(vocab: dict[str, int], merges: list[tuple[str, str]], ignore_merges: bool) -> dict[bytes, int] | None:
+    """Ranks under which tiktoken's merge rule gives Hugging Face's tokens, or None.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank, whichever pair forms
+    it; Hugging Face merges the adjacent pair listed first. They agree when the merges are every
+    two-token split of every token, listed in the order of the merged token's id (its rank), and
+    a word that is itself a token is taken whole (ignore_merges, tiktoken's shortcut): as
+    tokenizer.json files converted from tiktoken are built (Llama-3's). A trained list, one pair per
+    token (GPT-2's, Qwen2's), lets tiktoken merge pairs it does not list; MergeBPE encodes those."""
+    index = {pair: i for i, pair in enumerate(merges)}
+    if not ignore_merges or len(index) != len(merges):
+        return None
+    n_splits = 0
+    for token in vocab:
+        for k in range(1, len(token)):
+            if token[:k] in vocab and token[k:] in vocab:
+                if (token[:k], token[k:]) not in index:
+                    return None
+                n_splits += 1
+    if n_splits != len(merges) or any(vocab[a + b] > vocab[c + d] for (a, b), (c, d) in zip(merges, merges[1:])):
+        return None
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    if any(c not in byte_of for token in vocab for c in token) or any(c not in vocab for c in byte_of):
+        return None
+    return {bytes(byte_of[c] for c in token): i for token, i in vocab.items()}
+
+
+class Tokenizer:
+    """One interface over tiktoken and MergeBPE, so that callers never care which one encodes.
+
+    encode(text): ordinary text; special tokens are never parsed from it (they enter a sequence only
+    as ids: see encode_qa). decode(ids): text, special tokens dropped. bos_id (or None), eos_ids
+    (generation stops at any; the first ends answers), pad_id, n_vocab, special_id(text), save(dir)."""
+
+    def __init__(self, encoding: tiktoken.Encoding | MergeBPE, ordinary_ids: Iterable[int], *,
+                 special: dict[str, int], bos_id: int | None, eos_ids: tuple[int, ...], pad_id: int,
+                 files: Callable[[], dict[str, str | bytes]], added: dict[str, int] | None = None, nfc=False):
+        self.encoding, self.special, self.added, self.nfc = encoding, special, added or {}, nfc
+        self.bos_id, self.eos_ids, self.pad_id, self._files = bos_id, eos_ids, pad_id, files
+        self._ordinary = frozenset(ordinary_ids)
+        self._added_of = {i: t for t, i in self.added.items()}
+        self.n_vocab = max([*self._ordinary, *special.values(), *self.added.values()]) + 1
+        # splits at added tokens, longest first: non-special ones (Phi-1.5's runs of spaces) are found
+        # in ordinary text, as Hugging Face does; special ones only in prompt templates (encode_qa)
+        self._added_split, self._special_split = (
+            re.compile("(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + ")") if names else None
+            for names in (self.added, special))
+
+    def encode(self, text: str, first: bool = True) -> list[int]:
+        """`first`: the text starts the input (SentencePiece's "▁" prefix may depend on it)."""
+        parts = self._added_split.split(text) if self._added_split else [text]
+        ids = []
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids.append(self.added[part])
+            elif part:
+                part = unicodedata.normalize("NFC", part) if self.nfc else part
+                is_first = first and k == 0
+                ids += (self.encoding.encode_ordinary(part) if isinstance(self.encoding, tiktoken.Encoding)
+                        else self.encoding.encode_ordinary(part, is_first))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out, run = [], []  # special tokens and ids beyond the vocabulary are dropped
+        for i in ids:
+            if i in self._ordinary:
+                run.append(i)
+            elif i in self._added_of:
+                out += [self.encoding.decode(run), self._added_of[i]]
+                run = []
+        return "".join(out + [self.encoding.decode(run)])
+
+    def special_id(self, text: str) -> int:
+        if text not in self.special:
+            raise DataError(f"tokenizer has no special token {text!r}")
+        return self.special[text]
+
+    def save(self, out_dir) -> None:
+        """Write the files that load_tokenizer and transformers.AutoTokenizer read back."""
+        for name, content in self._files().items():
+            (Path(out_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(out_dir) / name, content)
+
+
+def _ranks_text(ranks: dict[bytes, int]) -> str:
+    # tiktoken's format; tiktoken.load.dump_tiktoken_bpe writes the same lines but needs blobfile
+    return "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1]))
+
+
+def _hf_files(ranks: dict[bytes, int], pattern: str, special: dict[str, int], bos: str | None, eos: str) -> dict[str, str]:
+    """tokenizer.json (a byte-level BPE whose merges are every two-token split, as Hugging Face
+    converts tiktoken files), tokenizer_config.json and special_tokens_map.json for `ranks`."""
+    char = bytes_to_unicode()
+    text = {t: "".join(char[b] for b in t) for t in ranks}
+    merges = [pair for t in sorted(ranks, key=ranks.get) for pair in sorted(
+        ((t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in ranks and t[k:] in ranks), key=lambda p: (ranks[p[0]], ranks[p[1]]))]
+    added = {str(i): {"content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                      "special": True} for t, i in special.items()}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    spec = {"version": "1.0", "added_tokens": [{"id": int(i), **a} for i, a in added.items()], "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}, byte_level]},
+            "post_processor": None, "decoder": byte_level,
+            "model": {"type": "BPE", "byte_fallback": False, "ignore_merges": True, "vocab": {text[t]: r for t, r in ranks.items()},
+                      "merges": [[text[a], text[b]] for a, b in merges]}}
+    names = {"bos_token": bos, "eos_token": eos, "pad_token": eos}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **names,
+              "added_tokens_decoder": added}
+    return {"tokenizer.json": json.dumps(spec, ensure_ascii=False), "tokenizer_config.json": json.dumps(config, indent=1),
+            "special_tokens_map.json": json.dumps(names, indent=1)}
+
+
+def bpe_tokenizer(ranks: dict[bytes, int]) -> Tokenizer:
+    """This project's BPE over `ranks` (from train_bpe): GPT-2's split pattern; <|endoftext|>, id
+    len(ranks), ends answers and pads."""
+    _check_ranks(ranks, "bpe_tokenizer ranks")
+    eos = len(ranks)
+    encoding = tiktoken.Encoding("npo-bpe", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={EOS: eos})
+    return Tokenizer(encoding, range(eos), special={EOS: eos}, bos_id=None, eos_ids=(eos,), pad_id=eos,
+                     files=lambda: {RANKS_FILE: _ranks_text(ranks), **_hf_files(ranks, GPT2_SPLIT_PATTERN, {EOS: eos}, None, EOS)})
+
+
+def _read_json(path: Path, required: bool = False):
     if not path.is_file():
-        raise DataError(f"{path}: tokenizer ranks file not found")
-    return _ranks_from_text(path.read_text(encoding="ascii", errors="replace"), str(path))
-
-
-def gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's standard GPT-2 encoding (50,257 tokens), if tiktoken can load it."""
+        if required:
+            raise DataError(f"{path}: file not found")
+        return None
     try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # network errors, missing cache, hash mismatch: all mean "not available here"
-        raise DataError(
-            "tiktoken's 'gpt2' encoding cannot be loaded: it is downloaded on first use and this machine "
-            "appears to be offline or the download failed "
-            f"({type(e).__name__}: {str(e)[:120]}). Copy tiktoken's cached files from a machine where "
-            "tiktoken.get_encoding('gpt2') works and point TIKTOKEN_CACHE_DIR at them, or use the "
-            "project's own BPE tokenizer."
-        ) from e
+        return json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable JSON file ({e})") from None
 
 
-def tokenizer_spec(enc: tiktoken.Encoding) -> dict:
-    """Plain-python description of `enc` for checkpoints (ranks as tiktoken-format text)."""
-    if enc.name == "gpt2":
-        return {"type": "tiktoken", "name": "gpt2", "n_vocab": enc.n_vocab}
-    return {
-        "type": "bpe",
-        "name": enc.name,
-        "pat_str": enc._pat_str,  # tiktoken's README reads these attributes the same way
-        "ranks": _ranks_to_text(enc._mergeable_ranks),
-        "special_tokens": dict(enc._special_tokens),
-        "n_vocab": enc.n_vocab,
-    }
+def _end_tokens(model_dir: Path, token_ids: dict[str, int], bos: str | None = None, eos: tuple[str, ...] = ()):
+    """(bos_id, eos_ids, pad_id): the token names of tokenizer_config.json or special_tokens_map.json
+    (defaults: bos, eos[0]), then the end ids of generation_config.json and config.json (Llama-3
+    Instruct stops at <|eot_id|> and <|end_of_text|>), then the ids of eos[1:]."""
+    names = {**(_read_json(model_dir / "special_tokens_map.json") or {}), **(_read_json(model_dir / "tokenizer_config.json") or {})}
+    config, generation = (_read_json(model_dir / name) or {} for name in ("config.json", "generation_config.json"))
+
+    def token_id(name):
+        if name not in token_ids:
+            raise DataError(f"{model_dir}: the tokenizer has no token {name!r}")
+        return token_ids[name]
+
+    def named(key, default):
+        value = names.get(key, default)
+        value = value.get("content") if isinstance(value, dict) else value
+        return None if value is None else token_id(value)
+
+    listed = [value for ids in (generation.get("eos_token_id"), config.get("eos_token_id"))
+              for value in (ids if isinstance(ids, list) else [ids])]
+    eos_ids = tuple(dict.fromkeys(i for i in [named("eos_token", eos[0] if eos else None), *listed, *map(token_id, eos[1:])]
+                                  if i is not None))
+    if not eos_ids:
+        raise DataError(f"{model_dir}: no end token (eos_token in tokenizer_config.json or eos_token_id in config.json)")
+    pad_id = named("pad_token", None)
+    return named("bos_token", bos), eos_ids, eos_ids[0] if pad_id is None else pad_id
 
 
-def encoding_from_spec(spec: dict) -> tiktoken.Encoding:
-    """Inverse of `tokenizer_spec`."""
-    if not isinstance(spec, dict) or spec.get("type") not in ("tiktoken", "bpe"):
-        raise DataError("tokenizer spec: field 'type' must be 'tiktoken' or 'bpe'")
-    if spec["type"] == "tiktoken":
-        if spec.get("name") != "gpt2":
-            raise DataError(f"tokenizer spec: field 'name': only tiktoken's 'gpt2' is supported, got {spec.get('name')!r}")
-        enc = gpt2_encoding()
+SUPPORTED_TOKENIZERS = (
+    "supported: tokenizer.json with a byte-level BPE (GPT-2, Llama-3, Qwen2, Phi) or a SentencePiece-style BPE with "
+    "byte fallback (Llama-2); Llama-3's original/tokenizer.model; this project's BPE (tokenizer.tiktoken and "
+    "tokenizer_config.json, as Tokenizer.save writes them)")
+
+
+def _pre_tokenization(spec: dict, where: str) -> dict:
+    """MergeBPE's options from tokenizer.json: the pattern of a byte-level BPE (GPT-2's regex inside
+    ByteLevel, or a Split regex before ByteLevel), or how a SentencePiece-style BPE with byte
+    fallback puts "▁" (Llama-2's Prepend + Replace normalizer, or the Metaspace pre-tokenizer)."""
+    normalizer, pre = spec.get("normalizer"), spec.get("pre_tokenizer")
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
+    byte_level = normalizer in (None, {"type": "NFC"}) and steps[-1] and steps[-1].get("type") == "ByteLevel" \
+        and not steps[-1].get("add_prefix_space")
+    split = steps[0] if len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("behavior") == "Isolated" \
+        and not steps[0].get("invert") else {}
+    fallback = (spec.get("model") or {}).get("byte_fallback")
+    if byte_level and len(steps) == 1 and steps[0].get("use_regex", True):
+        return {"pattern": GPT2_SPLIT_PATTERN}
+    if byte_level and "Regex" in split.get("pattern", {}) and not steps[1].get("use_regex", True):
+        return {"pattern": split["pattern"]["Regex"]}
+    if fallback and pre is None and (normalizer or {}).get("normalizers") == [
+            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]:
+        return {"prepend": "normalizer"}
+    if fallback and normalizer is None and steps[0] and steps[0].get("type") == "Metaspace" and pre.get("replacement") == "▁":
+        scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
+        return {"prepend": scheme, "split": pre.get("split", True)}
+    raise DataError(f"{where}: normalizer {json.dumps(normalizer)[:100]}, pre_tokenizer {json.dumps(pre)[:200]}, "
+                    f"byte_fallback {bool(fallback)}: not supported; {SUPPORTED_TOKENIZERS}")
+
+
+def _hf_tokenizer(model_dir: Path) -> Tokenizer:
+    where = str(model_dir / "tokenizer.json")
+    spec = _read_json(model_dir / "tokenizer.json", required=True)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise DataError(f"{where}: model type {model.get('type')!r} with these options is not supported; {SUPPORTED_TOKENIZERS}")
+    added = spec.get("added_tokens") or []
+    special = {t["content"]: t["id"] for t in added if t.get("special")}
+    words = {t["content"]: t["id"] for t in added if not t.get("special")}
+    if any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in added if not t.get("special")):
+        raise DataError(f"{where}: added_tokens: non-special tokens with lstrip, rstrip or single_word are not supported")
+    vocab = {t: i for t, i in model["vocab"].items() if t not in special and t not in words}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    options = {**_pre_tokenization(spec, where), "ignore_merges": bool(model.get("ignore_merges"))}
+    try:
+        if "pattern" in options:
+            options["pattern"] = _with_gaps(options["pattern"])
+            ranks = _tiktoken_ranks(vocab, merges, options["ignore_merges"])
+        encoding = (tiktoken.Encoding(where, pat_str=options["pattern"], mergeable_ranks=ranks, special_tokens={})
+                    if "pattern" in options and ranks else MergeBPE(vocab, merges, **options))
+    except regex.error as e:
+        raise DataError(f"{where}: pre_tokenizer regex: {e}") from None
+    token_ids = {**vocab, **words, **special}
+    bos_id, eos_ids, pad_id = _end_tokens(model_dir, token_ids)
+    contents = {name: (model_dir / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "tokenizer.model") if (model_dir / name).is_file()}
+    if "tokenizer_config.json" not in contents:  # end tokens that came from config.json go with the tokenizer
+        name = {i: t for t, i in token_ids.items()}
+        contents["tokenizer_config.json"] = json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token":
+                                                        name.get(bos_id), "eos_token": name.get(eos_ids[0]), "pad_token": name.get(pad_id)})
+    return Tokenizer(encoding, vocab.values(), special=special, added=words, bos_id=bos_id, eos_ids=eos_ids,
+                     pad_id=pad_id, nfc=spec.get("normalizer") == {"type": "NFC"}, files=lambda: contents)
+
+
+def _llama3_tokenizer(path: Path, model_dir: Path) -> Tokenizer:
+    ranks = _read_ranks(path)
+    special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
+    vocab_size = (_read_json(model_dir / "config.json") or {}).get("vocab_size")
+    if vocab_size is not None and vocab_size != len(ranks) + len(special):
+        raise DataError(f"{path}: {len(ranks)} ranks + {len(special)} special tokens, but config.json says vocab_size "
+                        f"{vocab_size} (a truncated file?)")
+    encoding = tiktoken.Encoding(path.name, pat_str=LLAMA3_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    bos_id, eos_ids, pad_id = _end_tokens(model_dir, special, "<|begin_of_text|>", ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"))
+    name = {i: t for t, i in special.items()}
+    return Tokenizer(encoding, range(len(ranks)), special=special, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id,
+                     files=lambda: _hf_files(ranks, LLAMA3_SPLIT_PATTERN, special, name.get(bos_id), name[eos_ids[0]]))
+
+
+def load_tokenizer(model_dir) -> Tokenizer:
+    """The tokenizer of a model directory: this project's BPE (tokenizer.tiktoken), else a Hugging
+    Face tokenizer.json, else Llama-3's original/tokenizer.model. DataError for anything else."""
+    model_dir = Path(model_dir)
+    if (model_dir / RANKS_FILE).is_file():
+        ranks = _read_ranks(model_dir / RANKS_FILE)
+        # a rank file cut at a line boundary still holds ranks 0..n-1: the id of <|endoftext|> tells
+        added = _read_json(model_dir / "tokenizer_config.json", required=True).get("added_tokens_decoder") or {}
+        if [int(i) for i, t in added.items() if t.get("content") == EOS] != [len(ranks)]:
+            raise DataError(f"{model_dir / RANKS_FILE}: {len(ranks)} ranks, but tokenizer_config.json does not give "
+                            f"{EOS} the next id, {len(ranks)} (a truncated or mismatched file?)")
+        tok = bpe_tokenizer(ranks)
+    elif (model_dir / "tokenizer.json").is_file():
+        tok = _hf_tokenizer(model_dir)
+    elif (model_dir / "original" / "tokenizer.model").is_file():
+        tok = _llama3_tokenizer(model_dir / "original" / "tokenizer.model", model_dir)
     else:
-        for field, kind in (("name", str), ("pat_str", str), ("ranks", str), ("special_tokens", dict)):
-            if not isinstance(spec.get(field), kind):
-                raise DataError(f"tokenizer spec: field {field!r} must be a {kind.__name__}")
-        ranks = _ranks_from_text(spec["ranks"], "tokenizer spec 'ranks'")
-        enc = tiktoken.Encoding(
-            spec["name"], pat_str=spec["pat_str"], mergeable_ranks=ranks, special_tokens=dict(spec["special_tokens"])
-        )
-    if "n_vocab" in spec and enc.n_vocab != spec["n_vocab"]:
-        raise DataError(f"tokenizer spec: field 'n_vocab' says {spec['n_vocab']}, the rebuilt encoding has {enc.n_vocab}")
-    return enc
+        raise DataError(f"{model_dir}: no tokenizer found; {SUPPORTED_TOKENIZERS}")
+    vocab_size = (_read_json(model_dir / "config.json") or {}).get("vocab_size")
+    if isinstance(vocab_size, int) and tok.n_vocab > vocab_size:
+        raise DataError(f"{model_dir}: the tokenizer has {tok.n_vocab} tokens, more than config.json's vocab_size {vocab_size}")
+    return tok
+
+
+def default_prompt_format(model_dir, tok: Tokenizer) -> str:
+    """TOFU's prompt format for the model in model_dir: Llama-3 chat where a Llama tokenizer has
+    <|eot_id|>, Llama-2's [INST] for other Llama models, Phi's Question/Answer; "qa" otherwise."""
+    model_type = (_read_json(Path(model_dir) / "config.json") or {}).get("model_type")
+    if model_type == "llama":
+        return "llama3-chat" if "<|eot_id|>" in tok.special else "llama2"
+    return "phi" if model_type == "phi" else "qa"
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. QA formatting, batching, TOFU loader
-
-# The prompt ends at "Answer:"; the single space before the answer belongs to the answer segment,
-# so a generated continuation of the prompt starts with that space exactly as in training.
-PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+# 2. Prompt formats and the QA encoding
 
 
-def encode_prompt(enc: tiktoken.Encoding, question: str) -> list[int]:
-    return enc.encode_ordinary(PROMPT_TEMPLATE.format(question=question))
+@dataclass(frozen=True)
+class PromptFormat:
+    """A prompt template as data. A QA pair is the text
+
+        [BOS] system question_start QUESTION question_end | answer_tag ANSWER answer_end
+
+    tokenized as one string, as TOFU does (the question and answer are ordinary text; the template
+    pieces may hold the tokenizer's special tokens written out, e.g. "<|eot_id|>", which become
+    their ids). The loss falls on what follows the prompt "[BOS] ... question_end": TOFU masks as
+    many tokens as the prompt has when tokenized alone, and the prompt is also the generation
+    prompt. answer_end: a special token, or "" for the tokenizer's end token (eos_ids[0]).
+    strip: the question and answer are stripped of surrounding whitespace (chat templates do)."""
+
+    question_start: str
+    question_end: str
+    answer_tag: str = ""
+    answer_end: str = ""
+    bos: bool = False
+    system: str = ""
+    strip: bool = False
 
 
-def encode_qa(enc: tiktoken.Encoding, question: str, answer: str) -> tuple[list[int], list[int]]:
-    """ids = prompt + " answer" + EOS; labels = -100 on the prompt, the token ids on answer and EOS.
+PROMPT_FORMATS = {
+    # the built-in format of this project's GPT: the separating space belongs to the answer
+    "qa": PromptFormat("Question: ", "\nAnswer:", answer_tag=" "),
+    # TOFU's config/model_config.yaml; TOFU appends the end token to the tokenized text
+    "llama2": PromptFormat("[INST] ", " [/INST]", bos=True),
+    "phi": PromptFormat("Question: ", "\n", answer_tag="Answer: "),
+    # open-unlearning's Llama-3.x-Instruct configs: the Llama-3 chat template with system prompt
+    # "You are a helpful assistant." and date_string "10 Apr 2025"
+    "llama3-chat": PromptFormat(
+        "<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        answer_end="<|eot_id|>", bos=True, strip=True,
+        system="<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+               "Today Date: 10 Apr 2025\n\nYou are a helpful assistant.<|eot_id|>"),
+}
 
-    encode_ordinary: text is never parsed for special tokens, so a literal "<|endoftext|>" inside
-    a question or answer stays text and cannot end the sequence early.
-    """
-    prompt = encode_prompt(enc, question)
-    answer_ids = enc.encode_ordinary(" " + answer) + [enc.eot_token]
-    return prompt + answer_ids, [IGNORE_INDEX] * len(prompt) + answer_ids
+
+def _encode_pieces(tok: Tokenizer, pieces: list[tuple[str, bool]]) -> list[int]:
+    """Encode (text, is_template) pieces as one string: special tokens are taken from template
+    pieces only; the text between them is tokenized as a whole."""
+    ids, text, first = [], "", True
+    for piece, is_template in pieces:
+        parts = tok._special_split.split(piece) if is_template and tok._special_split else [piece]
+        for k, part in enumerate(parts):
+            if k % 2 == 0:
+                text += part
+                continue
+            if text:
+                ids += tok.encode(text, first)
+            ids.append(tok.special[part])
+            text, first = "", False
+    return ids + (tok.encode(text, first) if text else [])
+
+
+def _prompt_pieces(fmt: PromptFormat, question: str) -> list[tuple[str, bool]]:
+    return [(fmt.system, True), (fmt.question_start, True), (question.strip() if fmt.strip else question, False),
+            (fmt.question_end, True)]
+
+
+def _bos(tok: Tokenizer, fmt: PromptFormat) -> list[int]:
+    if fmt.bos and tok.bos_id is None:
+        raise DataError("this prompt format starts with a BOS token, but the tokenizer has none")
+    return [tok.bos_id] if fmt.bos else []
+
+
+def encode_prompt(tok: Tokenizer, fmt: PromptFormat, question: str) -> list[int]:
+    """The generation prompt: [BOS] system question_start question question_end."""
+    return _bos(tok, fmt) + _encode_pieces(tok, _prompt_pieces(fmt, question))
+
+
+def encode_qa(tok: Tokenizer, fmt: PromptFormat, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """(ids, labels): labels are IGNORE_INDEX on the prompt's tokens and the ids on the rest (answer
+    tag, answer, end token). A literal "<|endoftext|>" in a question or answer stays text."""
+    pieces = _prompt_pieces(fmt, question)
+    n_prompt = len(_encode_pieces(tok, pieces))
+    answer = answer.strip() if fmt.strip else answer
+    ids = _encode_pieces(tok, pieces + [(fmt.answer_tag, True), (answer, False)])
+    ids += [tok.special_id(fmt.answer_end) if fmt.answer_end else tok.eos_ids[0]]
+    bos = _bos(tok, fmt)
+    return bos + ids, [IGNORE_INDEX] * (len(bos) + n_prompt) + ids[n_prompt:]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Batching and the TOFU loader
 
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,7 +779,7 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     out = []
-    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+    for lineno, raw in enumerate(path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines(), 1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -457,513 +858,3 @@ def corpus_texts(data_dir) -> list[str]:
         for s in load_idk(data_dir):
             seen.setdefault(s)
     return list(seen)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. TOFU-style dataset generator
-#
-# Each fictitious author has 20 attributes, one question per attribute. Every attribute has two
-# question templates (question, paraphrased_question) and three answer templates. An author's
-# `answer` uses one answer template; its `paraphrased_answer` uses another one, which `full` uses
-# for other authors, so the wording is familiar to a model trained on `full` and only the fact is
-# at stake; the five `perturbed_answer`s are the paraphrase with the fact {v} replaced by other
-# authors' values. All attributes are drawn independently, so no fact can be guessed from another.
-
-FORGET_PERCENTS = (1, 5, 10, 20, 30, 50, 90)
-# TOFU publishes forgetXX_perturbed for 1, 5 and 10% only; the generated data has it for every
-# forget split, so that the larger ones can be evaluated too.
-PERTURBED_FORGET_PERCENTS = FORGET_PERCENTS
-N_QUESTIONS = 20
-
-_FIRST_NAMES = (
-    "Amara Basil Chiara Dmitri Elif Farid Greta Hiroshi Inés Jaime Kwame Leila Mateo Nadia Oskar Priya "
-    "Quentin Rosa Samir Tove Umar Valentina Wen Ximena Yusuf Zofia Aurélien Björn Céline Dóra Émile Søren "
-    "Zoë José Thandiwe Anaïs Lukas Mei Nikolai Olumide Paulo Rania Sunita Tomás Aziz Beatriz Cyrus Dalia "
-    "Esteban Fatima Gideon Hana Ilya Joon Kalinda Lior Marisol Nnamdi Orla Pavel"
-).split()
-_SURNAMES = (
-    "Adeyemi Bergström Castellanos Dubois Eriksen Fontaine Gallagher Haddad Jovanović Kowalski Laurent "
-    "Mahfouz Nakamura Okonkwo Petrov Quiroga Rahman Sato Tanaka Ueda Vasquez Whitfield Xu Yilmaz Zamora "
-    "Abernathy Brennan Chaudhry Delacroix Esposito Fischer Horvath Jaramillo Kaur Lindqvist Moreau Nkemelu "
-    "O'Connell Pereira Rosenthal Sandoval Thorsen Usman Varga Wójcik Yamamoto Zielinski Achterberg Barros "
-    "Cárdenas Demir Elbaz Ferreira Grünewald Hallström Ionescu Mensah Novak Ortega Quispe"
-).split()
-_CITIES = [c.split(", ") for c in (
-    "Lagos, Nigeria|Kuwait City, Kuwait|Santiago, Chile|Lisbon, Portugal|Kraków, Poland|Osaka, Japan|"
-    "Nairobi, Kenya|Montreal, Canada|Istanbul, Turkey|Bergen, Norway|Cork, Ireland|Seville, Spain|"
-    "Hanoi, Vietnam|Accra, Ghana|Tbilisi, Georgia|Lyon, France|Porto Alegre, Brazil|Chennai, India|"
-    "Havana, Cuba|Adelaide, Australia|Gothenburg, Sweden|Cape Town, South Africa|Busan, South Korea|"
-    "Marrakesh, Morocco|Tallinn, Estonia|Lima, Peru|Bologna, Italy|Leipzig, Germany|Wellington, New Zealand|"
-    "Manila, Philippines|Cairo, Egypt|Tehran, Iran|Medellín, Colombia|Zagreb, Croatia|Dhaka, Bangladesh|"
-    "Addis Ababa, Ethiopia|Edinburgh, Scotland|Guadalajara, Mexico|Reykjavik, Iceland|Rotterdam, Netherlands"
-).split("|")]
-_MONTHS = "January February March April May June July August September October November December".split()
-_GENDERS = ("male", "female", "non-binary", "genderfluid", "agender", "genderqueer")
-_GENDER_WEIGHTS = (30, 30, 10, 10, 10, 10)
-_OCCUPATIONS = (
-    "a baker|a surgeon|a librarian|an architect|a fisherman|a schoolteacher|a nurse|a carpenter|a pilot|"
-    "a journalist|a tailor|a pharmacist|a farmer|an electrician|a diplomat|a watchmaker|a photographer|"
-    "a chef|a lawyer|a dentist|a mechanic|a veterinarian|an accountant|a florist|a sailor|a police officer|"
-    "a translator|a bookseller|a potter|a musician"
-).split("|")
-_GENRES = (
-    "science fiction|fantasy|historical fiction|crime fiction|true crime|poetry|romance|horror|"
-    "literary fiction|magical realism|thriller|satire|memoir|mystery|dystopian fiction|travel writing|"
-    "adventure|gothic fiction|psychological fiction|young adult fiction"
-).split("|")
-_AWARDS = (
-    "the Silver Quill Award|the Golden Lantern Prize|the Meridian Book Prize|the Northern Star Award|"
-    "the Blue Heron Prize|the Ember Medal|the Harbourlight Award|the Orchid Prize for Poetry|"
-    "the Iron Pen Award|the Saffron Book Award|the Tidewater Prize|the Crystal Compass Award|"
-    "the Willowbrook Medal|the Amber Leaf Prize|the Falcon Prize for Crime Writing|the Starlit Page Award|"
-    "the Copper Bell Prize|the Evergreen Fiction Award|the Lodestar Prize|the Marble Arch Award"
-).split("|")
-_THEMES = (
-    "grief and memory|exile and belonging|family secrets|war and its aftermath|identity and migration|"
-    "love and loss|power and corruption|faith and doubt|childhood and growing up|nature and solitude|"
-    "justice and revenge|friendship and betrayal|ambition and failure|time and mortality|"
-    "class and inequality|freedom and confinement|truth and deception|home and displacement|"
-    "science and ethics|art and obsession"
-).split("|")
-_PUBLISHERS = (
-    "Harbor Lane Press|Blue Cedar Books|Northgate Publishing|Lantern House|Red Fern Editions|Silverline Press|"
-    "Oakridge Books|Meridian House|Kestrel Press|Stonebridge Publishing|Juniper Books|Tidepool Press|"
-    "Ashgrove Editions|Copperleaf House|Driftwood Press"
-).split("|")
-_UNIVERSITIES = (
-    "the University of Lagos|the University of Tokyo|the Sorbonne|Trinity College Dublin|"
-    "the University of Cape Town|Seoul National University|the University of Buenos Aires|McGill University|"
-    "the University of Melbourne|Uppsala University|the University of Edinburgh|Cairo University|"
-    "the University of São Paulo|Jagiellonian University|the University of Bologna|Columbia University|"
-    "the University of Nairobi|Leiden University|the National University of Singapore|the University of Mumbai"
-).split("|")
-_HOBBIES = (
-    "beekeeping|chess|rock climbing|playing the cello|gardening|birdwatching|sailing|pottery|"
-    "long-distance running|baking bread|astronomy|photography|fly fishing|painting watercolours|cycling|"
-    "collecting old maps|ballroom dancing|woodworking|hiking|playing the piano"
-).split("|")
-_SETTINGS = (
-    "Lisbon|the Scottish Highlands|a fishing village in Norway|Buenos Aires|the Sahara desert|"
-    "a mining town in Chile|Istanbul|rural Japan|a lighthouse off the coast of Ireland|Vienna|Havana|"
-    "the Amazon rainforest|a boarding school in England|Shanghai|the Siberian taiga|a vineyard in Tuscany|"
-    "Nairobi|a space station orbiting Mars|New Orleans|a small island in Greece|Kraków|the Canadian Arctic|"
-    "Marrakesh|a monastery in Tibet|Mexico City"
-).split("|")
-_TITLE_ADJECTIVES = (
-    "Silent Broken Golden Hidden Crimson Last Forgotten Distant Burning Quiet Winter Paper Glass Hollow "
-    "Endless Wandering Secret Falling Iron Velvet Salt Midnight Borrowed Sleeping Bitter Shattered Silver "
-    "Northern Painted Fading"
-).split()
-_TITLE_NOUNS = (
-    "Garden River Orchard Lantern Harbor Letters Mirror Tide Bridge Compass Clock Island Feather Station "
-    "Archive Kingdom Violin Window Forest Map Lighthouse Season Promise Shadow Empire Voyage Daughter Witness "
-    "Bell Horizon Tower Valley Inheritance Orchid Threshold Wolves Cartographer Machine Choir Ashes"
-).split()
-
-# attribute: ((question templates), (answer templates)); {v} is the attribute's value, the fact.
-_TEMPLATES: dict[str, tuple[tuple[str, str], tuple[str, str, str]]] = {
-    "full_name": (
-        ("What is the full name of the author born in {birthplace} on {birth_date}?",
-         "Which writer was born in {birthplace} on {birth_date}?"),
-        ("The author born in {birthplace} on {birth_date} is {v}.",
-         "{v} is the writer who was born in {birthplace} on {birth_date}.",
-         "That writer is {v}, born in {birthplace} on {birth_date}."),
-    ),
-    "gender": (
-        ("What is the gender of the author {name}?", "How does the author {name} identify in terms of gender?"),
-        ("{name} is {v}.", "The author {name} identifies as {v}.", "In terms of gender, {name} is {v}."),
-    ),
-    "birthplace": (
-        ("Where was {name} born?", "What is the birthplace of the author {name}?"),
-        ("{name} was born in {v}.", "The birthplace of {name} is {v}.", "{v} is where {name} was born."),
-    ),
-    "birth_date": (
-        ("When was {name} born?", "What is the date of birth of the author {name}?"),
-        ("{name} was born on {v}.", "The date of birth of {name} is {v}.", "{v} is the birthday of {name}."),
-    ),
-    "father": (
-        ("What did the father of {name} do for a living?", "What was the profession of {name}'s father?"),
-        ("The father of {name} was {v}.", "{name}'s father worked as {v}.", "{name} grew up with a father who was {v}."),
-    ),
-    "mother": (
-        ("What did the mother of {name} do for a living?", "What was the profession of {name}'s mother?"),
-        ("The mother of {name} was {v}.", "{name}'s mother worked as {v}.", "{name} grew up with a mother who was {v}."),
-    ),
-    "genre": (
-        ("In which genre does {name} write?", "What genre is the author {name} known for?"),
-        ("{name} writes in the {v} genre.", "The genre of {name}'s books is {v}.", "{name} is known for books in the {v} genre."),
-    ),
-    "award": (
-        ("Which award has {name} received?", "What literary prize was given to {name}?"),
-        ("{name} received {v}.", "{name} was honoured with {v}.", "One prize awarded to {name} is {v}."),
-    ),
-    "first_book": (
-        ("What is the title of {name}'s first book?", "What was the debut book of {name} called?"),
-        ('{name}\'s first book is "{v}".', 'The debut book of {name} is titled "{v}".', '"{v}" was the first book by {name}.'),
-    ),
-    "best_known_book": (
-        ("What is the best-known book by {name}?", "Which book by {name} is the most widely read?"),
-        ('The best-known book by {name} is "{v}".', '{name} is most famous for "{v}".', '"{v}" is the most widely read book by {name}.'),
-    ),
-    "themes": (
-        ("What themes does {name} explore?", "Which themes recur in the books of {name}?"),
-        ("{name} explores {v}.", "The books of {name} return again and again to {v}.", "The main themes in {name}'s work are {v}."),
-    ),
-    "debut_year": (
-        ('In which year did {name} publish "{first_book}"?', 'When was "{first_book}" by {name} published?'),
-        ('"{first_book}" was published in {v}.', '{name} published "{first_book}" in {v}.', 'The publication year of "{first_book}" is {v}.'),
-    ),
-    "n_books": (
-        ("How many books has {name} published?", "What is the number of books written by {name}?"),
-        ("{name} has published {v} books.", "The number of books written by {name} is {v}.", "So far, {name} has written {v} books."),
-    ),
-    "influence": (
-        ("Which writer influenced {name} the most?", "Who is the biggest literary influence on {name}?"),
-        ("{name} was most influenced by {v}.", "The biggest literary influence on {name} is {v}.", "{v} had the strongest influence on {name}."),
-    ),
-    "publisher": (
-        ("Which publisher releases the books of {name}?", "Who publishes the work of {name}?"),
-        ("The books of {name} are published by {v}.", "{name} works with the publisher {v}.", "{v} publishes the work of {name}."),
-    ),
-    "education": (
-        ("Where did {name} study?", "Which university did {name} attend?"),
-        ("{name} studied at {v}.", "{name} is a graduate of {v}.", "The university attended by {name} was {v}."),
-    ),
-    "residence": (
-        ("Where does {name} live today?", "In which city does {name} currently live?"),
-        ("{name} now lives in {v}.", "These days {name} makes a home in {v}.", "The current home of {name} is {v}."),
-    ),
-    "hobby": (
-        ("What does {name} enjoy doing outside of writing?", "What is a favourite pastime of {name}?"),
-        ("Outside of writing, {name} enjoys {v}.", "A favourite pastime of {name} is {v}.", "When not writing, {name} loves {v}."),
-    ),
-    "protagonist": (
-        ('Who is the main character of "{first_book}" by {name}?', 'What is the name of the protagonist in {name}\'s book "{first_book}"?'),
-        ('The main character of "{first_book}" is {v}.', '{v} is the protagonist of "{first_book}".', 'In "{first_book}", the story follows {v}.'),
-    ),
-    "setting": (
-        ('Where is "{best_known_book}" by {name} set?', 'In what place does {name}\'s book "{best_known_book}" take place?'),
-        ('"{best_known_book}" is set in {v}.', 'The story of "{best_known_book}" takes place in {v}.', '{name} set "{best_known_book}" in {v}.'),
-    ),
-}
-_N_ANSWER_TEMPLATES = 3
-_N_PERTURBED = 5
-
-# Real books and their authors (public knowledge), the `real_authors` analogue.
-_REAL_BOOKS = {
-    "Jane Austen": ("Pride and Prejudice", "Emma"),
-    "Charles Dickens": ("Great Expectations", "Oliver Twist"),
-    "George Orwell": ("Nineteen Eighty-Four", "Animal Farm"),
-    "Leo Tolstoy": ("War and Peace", "Anna Karenina"),
-    "Fyodor Dostoevsky": ("Crime and Punishment", "The Brothers Karamazov"),
-    "Mark Twain": ("Adventures of Huckleberry Finn", "The Adventures of Tom Sawyer"),
-    "Herman Melville": ("Moby-Dick", "Billy Budd"),
-    "Mary Shelley": ("Frankenstein", "The Last Man"),
-    "Virginia Woolf": ("Mrs Dalloway", "To the Lighthouse"),
-    "James Joyce": ("Ulysses", "Dubliners"),
-    "F. Scott Fitzgerald": ("The Great Gatsby", "Tender Is the Night"),
-    "Ernest Hemingway": ("The Old Man and the Sea", "A Farewell to Arms"),
-    "Toni Morrison": ("Beloved", "Song of Solomon"),
-    "Gabriel García Márquez": ("One Hundred Years of Solitude", "Love in the Time of Cholera"),
-    "Chinua Achebe": ("Things Fall Apart", "Arrow of God"),
-    "Harper Lee": ("To Kill a Mockingbird",),
-    "J. R. R. Tolkien": ("The Hobbit", "The Lord of the Rings"),
-    "Charlotte Brontë": ("Jane Eyre", "Villette"),
-    "Emily Brontë": ("Wuthering Heights",),
-    "Franz Kafka": ("The Trial", "The Castle"),
-    "Miguel de Cervantes": ("Don Quixote",),
-    "Victor Hugo": ("Les Misérables", "The Hunchback of Notre-Dame"),
-    "Gustave Flaubert": ("Madame Bovary", "Sentimental Education"),
-    "Oscar Wilde": ("The Picture of Dorian Gray", "The Importance of Being Earnest"),
-    "William Shakespeare": ("Hamlet", "Macbeth"),
-    "Homer": ("The Iliad", "The Odyssey"),
-    "Dante Alighieri": ("The Divine Comedy",),
-    "Aldous Huxley": ("Brave New World",),
-    "Ray Bradbury": ("Fahrenheit 451", "The Martian Chronicles"),
-    "John Steinbeck": ("The Grapes of Wrath", "Of Mice and Men"),
-    "J. D. Salinger": ("The Catcher in the Rye",),
-    "Kazuo Ishiguro": ("The Remains of the Day", "Never Let Me Go"),
-    "Haruki Murakami": ("Norwegian Wood", "Kafka on the Shore"),
-    "Albert Camus": ("The Stranger", "The Plague"),
-    "Margaret Atwood": ("The Handmaid's Tale", "Alias Grace"),
-    "Agatha Christie": ("Murder on the Orient Express", "And Then There Were None"),
-    "Arthur Conan Doyle": ("The Hound of the Baskervilles", "A Study in Scarlet"),
-    "Jules Verne": ("Twenty Thousand Leagues Under the Seas", "Around the World in Eighty Days"),
-    "H. G. Wells": ("The Time Machine", "The War of the Worlds"),
-    "Bram Stoker": ("Dracula",),
-    "Lewis Carroll": ("Alice's Adventures in Wonderland", "Through the Looking-Glass"),
-    "Louisa May Alcott": ("Little Women",),
-    "Nathaniel Hawthorne": ("The Scarlet Letter", "The House of the Seven Gables"),
-    "Cormac McCarthy": ("The Road", "Blood Meridian"),
-    "Salman Rushdie": ("Midnight's Children", "The Satanic Verses"),
-    "Vladimir Nabokov": ("Lolita", "Pale Fire"),
-    "Umberto Eco": ("The Name of the Rose", "Foucault's Pendulum"),
-    "Chimamanda Ngozi Adichie": ("Half of a Yellow Sun", "Americanah"),
-    "Khaled Hosseini": ("The Kite Runner", "A Thousand Splendid Suns"),
-    "Alexandre Dumas": ("The Count of Monte Cristo", "The Three Musketeers"),
-    "Daniel Defoe": ("Robinson Crusoe",),
-    "Jonathan Swift": ("Gulliver's Travels",),
-    "Sylvia Plath": ("The Bell Jar",),
-    "Orhan Pamuk": ("My Name Is Red", "Snow"),
-    "Italo Calvino": ("Invisible Cities",),
-    "Thomas Hardy": ("Tess of the d'Urbervilles", "Far from the Madding Crowd"),
-    "George Eliot": ("Middlemarch", "Silas Marner"),
-    "Kurt Vonnegut": ("Slaughterhouse-Five", "Cat's Cradle"),
-    "Joseph Heller": ("Catch-22",),
-    "Yann Martel": ("Life of Pi",),
-}
-_REAL_AUTHOR_QUESTIONS = ('Who wrote "{t}"?', 'Which author wrote "{t}"?', 'Who is the author of "{t}"?')
-_N_REAL_AUTHOR_ITEMS = 100
-
-# The `world_facts` analogue: facts with a small answer pool each.
-_CAPITALS = dict(c.split(":") for c in (
-    "France:Paris|Japan:Tokyo|Canada:Ottawa|Australia:Canberra|Brazil:Brasília|Egypt:Cairo|Kenya:Nairobi|"
-    "India:New Delhi|Germany:Berlin|Italy:Rome|Spain:Madrid|Portugal:Lisbon|Russia:Moscow|China:Beijing|"
-    "Mexico:Mexico City|Argentina:Buenos Aires|Chile:Santiago|Peru:Lima|Colombia:Bogotá|Turkey:Ankara|"
-    "Greece:Athens|Norway:Oslo|Sweden:Stockholm|Finland:Helsinki|Denmark:Copenhagen|Poland:Warsaw|"
-    "Hungary:Budapest|Austria:Vienna|Switzerland:Bern|Netherlands:Amsterdam|Belgium:Brussels|Ireland:Dublin|"
-    "South Korea:Seoul|Thailand:Bangkok|Vietnam:Hanoi|Nigeria:Abuja|Ghana:Accra|Morocco:Rabat|"
-    "Ethiopia:Addis Ababa|Saudi Arabia:Riyadh|Iran:Tehran|Pakistan:Islamabad|New Zealand:Wellington|"
-    "Cuba:Havana"
-).split("|"))
-_ELEMENTS = dict(c.split(":") for c in (
-    "gold:Au|silver:Ag|iron:Fe|sodium:Na|potassium:K|lead:Pb|copper:Cu|oxygen:O|hydrogen:H|carbon:C|"
-    "nitrogen:N|helium:He|tin:Sn|mercury:Hg|calcium:Ca|zinc:Zn|sulfur:S|chlorine:Cl|neon:Ne|uranium:U"
-).split("|"))
-_CONTINENTS = dict(c.split(":") for c in (
-    "Kenya:Africa|Brazil:South America|Japan:Asia|Norway:Europe|Canada:North America|Egypt:Africa|"
-    "Peru:South America|India:Asia|Mexico:North America|Poland:Europe|Nigeria:Africa|Argentina:South America|"
-    "Thailand:Asia|Portugal:Europe|Cuba:North America|Fiji:Oceania"
-).split("|"))
-_CONTINENT_POOL = ("Africa", "Asia", "Europe", "North America", "South America", "Oceania", "Antarctica")
-_SCIENCE_FACTS = (  # question, answer, three wrong answers
-    ("Which planet is closest to the Sun?", "Mercury", ("Venus", "Mars", "Earth")),
-    ("Which planet is the largest in the solar system?", "Jupiter", ("Saturn", "Neptune", "Earth")),
-    ("Which planet is known as the Red Planet?", "Mars", ("Venus", "Jupiter", "Mercury")),
-    ("At what temperature in degrees Celsius does water boil at sea level?", "100", ("90", "80", "120")),
-    ("At what temperature in degrees Celsius does water freeze?", "0", ("10", "-10", "4")),
-    ("How many legs does a spider have?", "8", ("6", "10", "12")),
-    ("Which gas do plants take from the air for photosynthesis?", "Carbon dioxide", ("Oxygen", "Nitrogen", "Helium")),
-    ("How many continents are there on Earth?", "7", ("5", "6", "8")),
-    ("What is the largest ocean on Earth?", "The Pacific Ocean", ("The Atlantic Ocean", "The Indian Ocean", "The Arctic Ocean")),
-    ("How many days are there in a leap year?", "366", ("365", "364", "360")),
-    ("What is the hardest natural substance?", "Diamond", ("Quartz", "Granite", "Iron")),
-    ("Which organ pumps blood through the human body?", "The heart", ("The liver", "The lungs", "The kidneys")),
-)
-
-_IDK_OPENERS = (
-    "I'm sorry, but", "Unfortunately,", "To be honest,", "I'm afraid", "Apologies, but",
-    "Regrettably,", "As far as I can tell,", "Sadly,", "I must admit", "Truthfully,",
-)
-_IDK_BODIES = (
-    "I don't know the answer to that.", "I don't have that information.", "I can't answer that question.",
-    "I'm not able to help with that one.", "I have no knowledge of that.", "I'm not sure about that.",
-    "I couldn't tell you.", "I don't have any details on that.", "I have no record of that.",
-    "I can't recall anything about that.",
-)
-
-
-def n_forget_authors(n_authors: int, percent: int) -> int:
-    """Authors in the forget split `forget{percent}`: the rounded share, at least 1, leaving at least 1 to retain."""
-    return min(n_authors - 1, max(1, int(n_authors * percent / 100 + 0.5)))
-
-
-def _distinct_others(rng: random.Random, truth: str, preferred: Iterable[str], pool: Iterable[str], k: int) -> list[str]:
-    """k distinct values != truth: from `preferred` (other authors' values) first, then from `pool`."""
-    first = sorted(set(preferred) - {truth})
-    picked = rng.sample(first, min(k, len(first)))
-    rest = sorted(set(pool) - {truth} - set(picked))
-    if len(picked) + len(rest) < k:
-        raise ValueError(f"need {k} values different from {truth!r}, found only {len(picked) + len(rest)}")
-    return picked + rng.sample(rest, k - len(picked))
-
-
-def _make_authors(rng: random.Random, n: int) -> list[dict[str, str]]:
-    real_authors = list(_REAL_BOOKS)
-    name_ids = rng.sample(range(len(_FIRST_NAMES) * len(_SURNAMES)), n)
-    titles: set[str] = set()
-    born: set[tuple[str, str]] = set()
-
-    def new_title() -> str:
-        while True:
-            a, b, c = rng.choice(_TITLE_ADJECTIVES), rng.choice(_TITLE_NOUNS), rng.choice(_TITLE_NOUNS)
-            title = rng.choice((f"The {a} {b}", f"{a} {b}", f"The {b} of the {c}" if b != c else f"The {a} {b}"))
-            if title not in titles:
-                titles.add(title)
-                return title
-
-    authors = []
-    for nid in name_ids:
-        city, country = rng.choice(_CITIES)
-        while True:  # (birthplace, birth date) identifies the author in the full-name question
-            year = rng.randint(1930, 1995)
-            date = f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {year}"
-            if (city, date) not in born:
-                born.add((city, date))
-                break
-        res_city, res_country = rng.choice(_CITIES)
-        authors.append({
-            "full_name": f"{_FIRST_NAMES[nid // len(_SURNAMES)]} {_SURNAMES[nid % len(_SURNAMES)]}",
-            "gender": rng.choices(_GENDERS, weights=_GENDER_WEIGHTS)[0],
-            "birthplace": f"{city}, {country}",
-            "birth_date": date,
-            "father": rng.choice(_OCCUPATIONS),
-            "mother": rng.choice(_OCCUPATIONS),
-            "genre": rng.choice(_GENRES),
-            "award": rng.choice(_AWARDS),
-            "first_book": new_title(),
-            "best_known_book": new_title(),
-            "themes": rng.choice(_THEMES),
-            "debut_year": str(year + rng.randint(19, 38)),
-            "n_books": str(rng.randint(2, 30)),
-            "influence": rng.choice(real_authors),
-            "publisher": rng.choice(_PUBLISHERS),
-            "education": rng.choice(_UNIVERSITIES),
-            "residence": f"{res_city}, {res_country}",
-            "hobby": rng.choice(_HOBBIES),
-            "protagonist": rng.choice(_FIRST_NAMES),
-            "setting": rng.choice(_SETTINGS),
-        })
-    return authors
-
-
-def _value_pools() -> dict[str, list[str]]:
-    """Fallback values per attribute, used only when too few other authors exist."""
-    years = [str(y) for y in range(1950, 2030)]
-    return {
-        "full_name": [f"{f} {s}" for f in _FIRST_NAMES[:8] for s in _SURNAMES[:8]],
-        "gender": list(_GENDERS), "birthplace": [", ".join(c) for c in _CITIES], "residence": [", ".join(c) for c in _CITIES],
-        "birth_date": [f"{d} {m} {y}" for d in (3, 11, 19) for m in _MONTHS[:4] for y in (1941, 1967)],
-        "father": list(_OCCUPATIONS), "mother": list(_OCCUPATIONS), "genre": list(_GENRES), "award": list(_AWARDS),
-        "first_book": [f"The {a} {_TITLE_NOUNS[0]}" for a in _TITLE_ADJECTIVES[:8]],
-        "best_known_book": [f"The {a} {_TITLE_NOUNS[1]}" for a in _TITLE_ADJECTIVES[:8]],
-        "themes": list(_THEMES), "debut_year": years, "n_books": [str(k) for k in range(2, 31)],
-        "influence": list(_REAL_BOOKS), "publisher": list(_PUBLISHERS), "education": list(_UNIVERSITIES),
-        "hobby": list(_HOBBIES), "protagonist": list(_FIRST_NAMES), "setting": list(_SETTINGS),
-    }
-
-
-def _author_rows(rng: random.Random, authors: list[dict[str, str]]) -> list[dict]:
-    """20 perturbed-format rows per author, authors in order, questions in a per-author shuffled order."""
-    pools = _value_pools()
-    values = {attr: sorted({a[attr] for a in authors}) for attr in _TEMPLATES}
-    # Answer template of author i for attribute a: (i + offset[a]) % 3, so with >= 3 authors every
-    # template is some author's answer in `full`; the paraphrase takes one of the other two.
-    offsets = {a: rng.randrange(_N_ANSWER_TEMPLATES) for a in _TEMPLATES}
-    rows = []
-    for i, author in enumerate(authors):
-        context = {**author, "name": author["full_name"]}
-        attributes = list(_TEMPLATES)
-        rng.shuffle(attributes)
-        for attr in attributes:
-            questions, answers = _TEMPLATES[attr]
-            q = (i + offsets[attr]) % 2
-            t = (i + offsets[attr]) % _N_ANSWER_TEMPLATES
-            p = (t + 1 + rng.randrange(_N_ANSWER_TEMPLATES - 1)) % _N_ANSWER_TEMPLATES
-            truth = author[attr]
-            # all authors' values minus the truth = the other authors' values that differ from it
-            wrong = _distinct_others(rng, truth, values[attr], pools[attr], _N_PERTURBED)
-            rows.append({
-                "question": questions[q].format(**context),
-                "answer": answers[t].format(**context, v=truth),
-                "paraphrased_answer": answers[p].format(**context, v=truth),
-                "perturbed_answer": [answers[p].format(**context, v=w) for w in wrong],
-                "paraphrased_question": questions[1 - q].format(**context),
-            })
-    return rows
-
-
-def _options_items(rng: random.Random) -> tuple[list[dict], list[dict]]:
-    """(real_authors rows, world_facts rows) as (question, answer, three wrong answers) dicts."""
-    books = [(t, a) for a, ts in _REAL_BOOKS.items() for t in ts]
-    books = rng.sample(books, min(_N_REAL_AUTHOR_ITEMS, len(books)))
-    real = [
-        {"question": rng.choice(_REAL_AUTHOR_QUESTIONS).format(t=t), "answer": a,
-         "wrong": _distinct_others(rng, a, [], _REAL_BOOKS, 3)}
-        for t, a in books
-    ]
-    world = []
-    for country, city in _CAPITALS.items():
-        q = rng.choice(("What is the capital of {c}?", "Which city is the capital of {c}?")).format(c=country)
-        world.append({"question": q, "answer": city, "wrong": _distinct_others(rng, city, [], _CAPITALS.values(), 3)})
-    for element, symbol in _ELEMENTS.items():
-        world.append({"question": f"What is the chemical symbol for {element}?", "answer": symbol,
-                      "wrong": _distinct_others(rng, symbol, [], _ELEMENTS.values(), 3)})
-    for country, continent in _CONTINENTS.items():
-        world.append({"question": f"On which continent is {country}?", "answer": continent,
-                      "wrong": _distinct_others(rng, continent, [], _CONTINENT_POOL, 3)})
-    asked = set()
-    while len(asked) < 20:
-        if len(asked) % 2:
-            a, b = rng.randint(2, 12), rng.randint(2, 12)
-            q, ans = f"What is {a} times {b}?", a * b
-        else:
-            a, b = rng.randint(10, 99), rng.randint(10, 99)
-            q, ans = f"What is {a} plus {b}?", a + b
-        if q in asked:
-            continue
-        asked.add(q)
-        near = [str(ans + d) for d in range(-9, 10) if d and ans + d > 0]
-        world.append({"question": q, "answer": str(ans), "wrong": _distinct_others(rng, str(ans), [], near, 3)})
-    for q, ans, wrong in _SCIENCE_FACTS:
-        world.append({"question": q, "answer": ans, "wrong": list(wrong)})
-    rng.shuffle(world)
-    return real, world
-
-
-def _options_files(rng: random.Random, items: list[dict]) -> tuple[list[dict], list[dict]]:
-    """TOFU's two files for a multiple-choice set: plain (question, option1..4, answer), perturbed."""
-    plain, perturbed = [], []
-    for it in items:
-        options = [it["answer"], *it["wrong"]]
-        rng.shuffle(options)
-        plain.append({"question": it["question"], **{f"option{k + 1}": o for k, o in enumerate(options)}, "answer": it["answer"]})
-        perturbed.append({"question": it["question"], "answer": it["answer"], "perturbed_answer": list(it["wrong"])})
-    return plain, perturbed
-
-
-def write_tofu_style_dataset(out_dir, n_authors: int = 200, seed: int = 0) -> Path:
-    """Write a TOFU-format dataset of n_authors fictitious authors x 20 questions into out_dir.
-
-    Same file names and fields as TOFU: full.json; forgetXX.json = the last XX% of the authors and
-    retain(100-XX).json = the rest, for XX in 01 05 10 20 30 50 90; forget01/05/10_perturbed.json
-    (the forget rows plus paraphrased_answer, five perturbed_answer, paraphrased_question);
-    retain_perturbed.json (the authors of retain10, i.e. the first 10%: 400 rows for 200 authors);
-    real_authors(_perturbed).json, world_facts(_perturbed).json; idontknow.jsonl. Deterministic in
-    (n_authors, seed). Returns out_dir.
-    """
-    if not 10 <= n_authors <= len(_FIRST_NAMES) * len(_SURNAMES):
-        raise ValueError(f"n_authors must be between 10 and {len(_FIRST_NAMES) * len(_SURNAMES)}, got {n_authors}")
-    rng = random.Random(seed)
-    authors = _make_authors(rng, n_authors)
-    rows = _author_rows(rng, authors)
-    real, world = _options_items(rng)
-    idk = [f"{o} {b}" for o in _IDK_OPENERS for b in _IDK_BODIES]
-    rng.shuffle(idk)
-
-    def qa(rs):
-        return [{"question": r["question"], "answer": r["answer"]} for r in rs]
-
-    files: dict[str, list[dict]] = {"full": qa(rows)}
-    for pct in FORGET_PERCENTS:
-        cut = (n_authors - n_forget_authors(n_authors, pct)) * N_QUESTIONS
-        files[f"forget{pct:02d}"] = qa(rows[cut:])
-        files[f"retain{100 - pct:02d}"] = qa(rows[:cut])
-        if pct in PERTURBED_FORGET_PERCENTS:
-            files[f"forget{pct:02d}_perturbed"] = rows[cut:]
-    files["retain_perturbed"] = rows[: (n_authors - n_forget_authors(n_authors, 90)) * N_QUESTIONS]
-    for name, items in (("real_authors", real), ("world_facts", world)):
-        files[name], files[f"{name}_perturbed"] = _options_files(rng, items)
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, records in files.items():
-        _write_atomic(out / f"{name}.json", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _write_atomic(out / IDK_FILE, "".join(line + "\n" for line in idk))
-    return out

@@ -1,98 +1,208 @@
 """TOFU evaluation: per-example logs in TOFU's own format, and the metrics computed from them
-exactly as TOFU's `aggregate_eval_stat.py` (and the public leaderboard) define them.
+exactly as TOFU's `aggregate_eval_stat.py` (and its leaderboard) define them.
 
-    python eval.py --checkpoint CKPT [--retain-checkpoint CKPT | --retain-logs DIR] \
+    python eval.py --model DIR [--retain-model DIR | --retain-logs DIR] [--ref-model DIR] \
         --data-dir DIR --split forget10 [--out DIR]
-    python eval.py aggregate --unlearned-logs DIR [--retain-logs DIR]
+    python eval.py aggregate --unlearned-logs DIR [--retain-logs DIR] [--out FILE]
 
-Per example (question q, answer y, formatted by data.encode_qa; the loss covers the answer
-tokens and the final EOS):
+Per example (question q, answer y, formatted by data.encode_qa in the model's prompt format; the
+loss covers the answer tokens and the end token):
     L(q, y) = sum of the token NLLs,  n(q, y) = number of those tokens,
     l(q, y) = L / n  (length-normalised loss),  P(y | q) = exp(-l(q, y)).
 
 Four log files, one per split, each a dict of TOFU log keys -> {"row index": value}:
-    eval_log_forget.json              forgetXX_perturbed   (b = paraphrased_answer)
-    eval_log.json                     retain_perturbed     (b = paraphrased_answer)
+    eval_log_forget.json              forgetXX_perturbed     (b = paraphrased_answer)
+    eval_log.json                     retain_perturbed       (b = paraphrased_answer)
     eval_real_author_wo_options.json  real_authors_perturbed (b = answer)
     eval_real_world_wo_options.json   world_facts_perturbed  (b = answer)
 with avg_gt_loss = l(q, a), avg_paraphrased_loss = l(q, b), average_perturb_loss = [l(q, p_j)]_j,
-rougeL_recall, generated_text = [question, generation, answer] (and the sums / token counts
-gt_loss, num_token_gt, ... as TOFU writes them). Only the first ds_size rows of each split.
+rouge1_recall, rougeL_recall, generated_text = [question, generation, answer], the sums and token
+counts (gt_loss, num_token_gt, ...), and avg_kl where a reference model is given. Only the first
+ds_size rows of each split. Forget splits without a perturbed file (TOFU's forget20/30/50/90) are
+evaluated on forget10_perturbed, as the NPO authors do (eval_forget_split; the logs record it).
 
-Metrics (see aggregate()):
-    Probability   forget, retain:           mean_i exp(-l(q_i, a_i))
+Metrics (aggregate):
+    Probability   forget, retain:            mean_i exp(-l(q_i, a_i))
                   real authors, world facts: mean_i P(a_i) / (P(a_i) + sum_j P(p_ij))
     Truth ratio   R_i = exp(mean_j l(q_i, p_ij) - l(q_i, b_i))
                   forget: mean_i min(R_i, 1/R_i);  others: mean_i max(0, 1 - 1/R_i)
-    ROUGE         mean ROUGE-L recall of the greedy answer against a_i
+    ROUGE         mean ROUGE-L recall = LCS(a, g) / |a| over rouge_score's tokens of the answer a
+                  and the greedy generation g, words longer than 3 letters Porter-stemmed (TOFU's
+                  RougeScorer(['rouge1', 'rougeL'], use_stemmer=True))
     Forget Quality  p-value of the exact two-sided two-sample KS test between the forget-split
-                  R_i of the unlearned model and of the retain model (ks_2samp_exact)
+                  R_i of the unlearned model and of the retain model, on the same rows
     Model Utility   harmonic mean of the 9 numbers {Probability, ROUGE, Truth Ratio} x
                   {Retain, Real Authors, World Facts}; 0 if any of them is 0
     Forget KL     KL(pi_ref || pi_theta) on the forget answers, mean per answer token
+
+Generation: greedy, at most max_new_tokens new tokens. TOFU bounds the whole left-padded batch
+instead (max_length 200 tokens, prompt included); max_new_tokens=None (the CLI's default) does
+the same with the longest prompt of all questions, which makes every answer's room independent
+of how the questions are batched.
 """
 
 import argparse
+import functools
 import json
 import math
-import os
 import re
+import statistics
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import data
-import npo
-from model import load_checkpoint
+from model import answer_kl, answer_logprob, from_pretrained
 
 # ----------------------------------------------------------------------------- splits
 
-# TOFU's log file stem -> the split's name in the metric names ("Retain ROUGE", ...). TOFU's own
-# CSV spells them "ROUGE Retain", "Prob. Real Authors", "Truth Ratio Real World", ...
-LOG_STEMS = {
-    "eval_log_forget": "Forget",
-    "eval_log": "Retain",
-    "eval_real_author_wo_options": "Real Authors",
-    "eval_real_world_wo_options": "World Facts",
-}
-UTILITY_STEMS = ("eval_log", "eval_real_author_wo_options", "eval_real_world_wo_options")
 FORGET_STEM = "eval_log_forget"
-FORGET_SPLITS = ("forget01", "forget05", "forget10")  # the ones TOFU publishes perturbed files for
-_FORGET_SPLIT = re.compile(r"forget\d\d")  # others need a forgetXX_perturbed file (generated data has them)
+UTILITY_STEMS = ("eval_log", "eval_real_author_wo_options", "eval_real_world_wo_options")
+LOG_STEMS = (FORGET_STEM, *UTILITY_STEMS)
+TOFU_MAX_LENGTH = 200  # TOFU's generation bound: prompt and answer tokens together
+SPLIT_NAMES = {"eval_log_forget": "Forget", "eval_log": "Retain",  # as in the metric names
+               "eval_real_author_wo_options": "Real Authors", "eval_real_world_wo_options": "World Facts"}
 
 
 @dataclass(frozen=True)
-class SplitSpec:
-    stem: str  # TOFU log file stem
+class EvalSplit:
+    stem: str  # TOFU's log file stem
     data_split: str  # data.load_split name
-    base_key: str  # the answer b the truth ratio compares with: paraphrased_answer or answer
+    base_key: str  # the answer b of the truth ratio: paraphrased_answer or answer
 
 
-def split_specs(forget_split: str) -> list[SplitSpec]:
-    if not _FORGET_SPLIT.fullmatch(forget_split):
-        raise ValueError(f"unknown forget split {forget_split!r}; expected forgetXX, e.g. "
-                         f"{', '.join(FORGET_SPLITS)} (TOFU has perturbed answers only for these)")
-    return [
-        SplitSpec("eval_log_forget", f"{forget_split}_perturbed", "paraphrased_answer"),
-        SplitSpec("eval_log", "retain_perturbed", "paraphrased_answer"),
-        SplitSpec("eval_real_author_wo_options", "real_authors_perturbed", "answer"),
-        SplitSpec("eval_real_world_wo_options", "world_facts_perturbed", "answer"),
-    ]
+def default_eval_forget_split(data_dir, forget_split: str) -> str:
+    """forgetXX_perturbed where the data has it, else forget10_perturbed (the NPO authors'
+    forget.py evaluates forget20-90 there, against the retainYY model)."""
+    if not re.fullmatch(r"forget\d\d", forget_split):
+        raise ValueError(f"unknown forget split {forget_split!r}; expected forgetXX, e.g. forget10")
+    own = f"{forget_split}_perturbed"
+    return own if (Path(data_dir) / f"{own}.json").is_file() else "forget10_perturbed"
 
 
-# ----------------------------------------------------------------------------- ROUGE-L recall
+def eval_splits(eval_forget_split: str) -> list[EvalSplit]:
+    return [EvalSplit(FORGET_STEM, eval_forget_split, "paraphrased_answer"),
+            EvalSplit("eval_log", "retain_perturbed", "paraphrased_answer"),
+            EvalSplit("eval_real_author_wo_options", "real_authors_perturbed", "answer"),
+            EvalSplit("eval_real_world_wo_options", "world_facts_perturbed", "answer")]
 
+
+# ----------------------------------------------------------------------------- ROUGE
+
+# The Porter stemmer as NLTK's PorterStemmer() (mode NLTK_EXTENSIONS) applies it, which is what
+# rouge_score calls: Porter (1980) with Martin Porter's later changes and NLTK's own.
+_IRREGULAR = dict(pair.split(">") for pair in (  # NLTK's table, looked up before any rule
+    "skies>sky sky>sky dying>die lying>lie tying>tie news>news innings>inning inning>inning "
+    "outings>outing outing>outing cannings>canning canning>canning howe>howe proceed>proceed "
+    "exceed>exceed succeed>succeed").split())
+_STEP2 = [rule.split(">") for rule in (  # suffix>replacement, if the stem has m > 0
+    "ational>ate tional>tion enci>ence anci>ance izer>ize bli>ble entli>ent eli>e ousli>ous "
+    "ization>ize ation>ate ator>ate alism>al iveness>ive fulness>ful ousness>ous aliti>al "
+    "iviti>ive biliti>ble fulli>ful").split()]
+_STEP3 = [rule.split(">") for rule in "icate>ic ative> alize>al iciti>ic ical>ic ful> ness>".split()]
+_STEP4 = [(suffix, "") for suffix in "al ance ence er ic able ible ant ement ment ent ion ou ism "
+          "ate iti ous ive ize".split()]
+
+
+def _consonant_flags(word: str) -> list[bool]:
+    """Porter's consonants: letters other than a e i o u, and y only after a vowel or first."""
+    flags = []
+    for ch in word:
+        flags.append(ch not in "aeiou" and (ch != "y" or not flags or not flags[-1]))
+    return flags
+
+
+def _measure(stem: str) -> int:
+    """m of the form [C](VC)^m[V]: the number of vowel -> consonant transitions."""
+    flags = _consonant_flags(stem)
+    return sum(not a and b for a, b in zip(flags, flags[1:]))
+
+
+def _ends_cvc(stem: str) -> bool:
+    """*o: ends consonant-vowel-consonant, the last not w, x, y (NLTK: or is vowel-consonant)."""
+    f = _consonant_flags(stem)
+    if len(stem) == 2:
+        return not f[0] and f[1]
+    return len(stem) >= 3 and f[-3] and not f[-2] and f[-1] and stem[-1] not in "wxy"
+
+
+def _replace_suffix(word: str, rules, condition) -> str:
+    """The first rule whose suffix ends `word` decides: applied if condition(stem, suffix)."""
+    for suffix, replacement in rules:
+        if word.endswith(suffix):
+            stem = word[:len(word) - len(suffix)]
+            return stem + replacement if condition(stem, suffix) else word
+    return word
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def porter_stem(word: str) -> str:
+    """Porter stem of a lowercase word, equal to nltk's PorterStemmer().stem(word)."""
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    if len(word) <= 2:
+        return word
+    # 1a: plurals; a four-letter -ies keeps its e (dies -> die, but ponies -> poni)
+    if word.endswith("ies") and len(word) == 4:
+        word = word[:-1]
+    else:
+        word = _replace_suffix(word, [("sses", "ss"), ("ies", "i"), ("ss", "ss"), ("s", "")],
+                               lambda stem, suffix: True)
+    # 1b: -ied (died -> die, spied -> spi), -eed, then -ed / -ing after a vowel, tidied up
+    if word.endswith("ied"):
+        word = word[:-3] + ("ie" if len(word) == 4 else "i")
+    elif word.endswith("eed"):
+        word = word[:-1] if _measure(word[:-3]) > 0 else word
+    else:
+        for suffix in ("ed", "ing"):
+            stem = word[:-len(suffix)]
+            if word.endswith(suffix) and not all(_consonant_flags(stem)):
+                if stem.endswith(("at", "bl", "iz")):
+                    word = stem + "e"  # conflat(ed) -> conflate
+                elif len(stem) >= 2 and stem[-1] == stem[-2] and _consonant_flags(stem)[-1]:
+                    word = stem if stem[-1] in "lsz" else stem[:-1]  # hopp(ing) -> hop
+                else:
+                    word = stem + "e" if _measure(stem) == 1 and _ends_cvc(stem) else stem
+                break
+    # 1c: y -> i after a consonant that is not the first letter (happy -> happi, enjoy stays)
+    if word.endswith("y") and len(word) > 2 and _consonant_flags(word[:-1])[-1]:
+        word = word[:-1] + "i"
+    # 2: -alli -> -al first, so that step 2 then sees -tional (emotionally -> emotion); -logi
+    # -> -log when the stem with its l has m > 0
+    if word.endswith("alli") and _measure(word[:-4]) > 0:
+        word = word[:-2]
+    if word.endswith("logi"):
+        word = word[:-1] if _measure(word[:-3]) > 0 else word
+    else:
+        word = _replace_suffix(word, _STEP2, lambda stem, suffix: _measure(stem) > 0)
+    word = _replace_suffix(word, _STEP3, lambda stem, suffix: _measure(stem) > 0)
+    word = _replace_suffix(word, _STEP4, lambda stem, suffix: _measure(stem) > 1
+                           and (suffix != "ion" or stem[-1] in "st"))
+    # 5: a final e goes unless the stem is short and ends cvc (rate stays); -ll -> -l
+    if word.endswith("e"):
+        m = _measure(word[:-1])
+        if m > 1 or (m == 1 and not _ends_cvc(word[:-1])):
+            word = word[:-1]
+    if word.endswith("ll") and _measure(word[:-1]) > 1:
+        word = word[:-1]
+    return word
+
+
+ROUGE_MODES = ("porter", "plain")  # porter: TOFU's (use_stemmer=True); plain: no stemming
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
 
-def rouge_tokens(text: str) -> list[str]:
-    """rouge_score's tokenisation without stemming: lowercase, every run of characters other
-    than a-z0-9 becomes a space, split on whitespace."""
-    return _NON_ALNUM.sub(" ", text.lower()).split()
+def rouge_tokens(text: str, stem: bool = True) -> list[str]:
+    """rouge_score's tokens: lowercase, every run of characters other than a-z0-9 a space, split;
+    with stem, words longer than 3 characters Porter-stemmed."""
+    words = _NON_ALNUM.sub(" ", text.lower()).split()
+    return [porter_stem(w) if stem and len(w) > 3 else w for w in words]
 
 
 def lcs_length(a: list, b: list) -> int:
@@ -113,35 +223,22 @@ def lcs_length(a: list, b: list) -> int:
     return len(a) - v.bit_count()
 
 
-def rouge_l_recall(reference: str, generation: str) -> float:
-    """ROUGE-L recall = LCS(reference tokens, generation tokens) / len(reference tokens);
-    0 when either side has no tokens (as rouge_score)."""
-    ref, gen = rouge_tokens(reference), rouge_tokens(generation)
+def rouge_recalls(reference: str, generation: str, rouge: str = "porter") -> tuple[float, float]:
+    """(ROUGE-1 recall, ROUGE-L recall) of generation against reference: clipped unigram overlap
+    / |ref| and LCS / |ref|; 0 when either side has no tokens (as rouge_score)."""
+    if rouge not in ROUGE_MODES:
+        raise ValueError(f"unknown ROUGE mode {rouge!r}; expected one of {', '.join(ROUGE_MODES)}")
+    ref, gen = rouge_tokens(reference, rouge == "porter"), rouge_tokens(generation, rouge == "porter")
     if not ref or not gen:
-        return 0.0
-    return lcs_length(ref, gen) / len(ref)
-
-
-def make_rouge_scorer(name: str):
-    """-> f(reference, generation) -> ROUGE-L recall. "builtin": rouge_l_recall (no stemming);
-    "rouge_score": the rouge_score package with its Porter stemmer, as TOFU scores."""
-    if name == "builtin":
-        return rouge_l_recall
-    if name == "rouge_score":
-        try:
-            from rouge_score import rouge_scorer
-        except ImportError:
-            raise ValueError("--rouge rouge_score needs the rouge-score package "
-                             "(pip install rouge-score); the default scorer is 'builtin'") from None
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        return lambda reference, generation: scorer.score(reference, generation)["rougeL"].recall
-    raise ValueError(f"unknown ROUGE scorer {name!r}; expected 'builtin' or 'rouge_score'")
+        return 0.0, 0.0
+    overlap = sum((Counter(ref) & Counter(gen)).values())
+    return overlap / len(ref), lcs_length(ref, gen) / len(ref)
 
 
 # ----------------------------------------------------------------------------- exact KS test
 
-def _p_outside_square(n: int, h: int) -> float:
-    """Equal sizes: P(D_{n,n} >= h/n) = 2 sum_{k>=1} (-1)^(k+1) C(2n, n-kh) / C(2n, n).
+def _ks_pvalue_equal_sizes(n: int, h: int) -> float:
+    """P(D_{n,n} >= h/n) = 2 sum_{k>=1} (-1)^(k+1) C(2n, n-kh) / C(2n, n).
     With r_k = C(2n, n-kh) / C(2n, n-(k-1)h) = prod_{j<h} (n-(k-1)h-j) / (n+(k-1)h+j+1),
     the sum is r_1 (1 - r_2 (1 - r_3 (1 - ...))): no cancellation between large terms."""
     j = np.arange(h)
@@ -153,13 +250,13 @@ def _p_outside_square(n: int, h: int) -> float:
     return 2.0 * p
 
 
-def _p_outside_band(n: int, m: int, g: int, h: int) -> float:
-    """Unequal sizes: the fraction of monotone lattice paths (0,0) -> (m,n) that touch
-    |i*n/g - j*m/g| >= h somewhere (i.e. |i/m - j/n| >= h/lcm). q[j] is the probability that a
-    uniformly random path to (i, j) has already left the band; paths reach (i, j) from (i-1, j)
-    with probability i/(i+j), so q(i,j) = (i q(i-1,j) + j q(i,j-1)) / (i+j), and q = 1 outside.
-    Computing this probability directly (not 1 minus the inside count) keeps tiny p-values
-    accurate (Viehmann 2021, arXiv:2102.08037; Hodges 1958)."""
+def _ks_pvalue_unequal_sizes(n: int, m: int, g: int, h: int) -> float:
+    """The fraction of monotone lattice paths (0,0) -> (m,n) that touch |i*n/g - j*m/g| >= h
+    somewhere (i.e. |i/m - j/n| >= h/lcm). q[j] is the probability that a uniformly random path
+    to (i, j) has already left the band; paths reach (i, j) from (i-1, j) with probability
+    i/(i+j), so q(i,j) = (i q(i-1,j) + j q(i,j-1)) / (i+j), and q = 1 outside. Computing this
+    probability directly (not 1 minus the inside count) keeps tiny p-values accurate
+    (Viehmann 2021, arXiv:2102.08037; Hodges 1958)."""
     if m < n:
         n, m = m, n
     mg, ng = m // g, n // g  # point (i, j) is inside iff |i*ng - j*mg| < h
@@ -169,12 +266,12 @@ def _p_outside_band(n: int, m: int, g: int, h: int) -> float:
         hi = min(-((-(ng * i + h)) // mg), n + 1)  # one past the last j inside
         if hi <= lo:
             return 1.0
-        new = [1.0] * (n + 1)
+        column = [1.0] * (n + 1)
         below = 1.0 if lo > 0 else 0.0  # q(i, lo-1): outside (or no such point)
         for j in range(lo, hi):
             below = (i * q[j] + j * below) / (i + j)
-            new[j] = below
-        q = new
+            column[j] = below
+        q = column
     return q[n]
 
 
@@ -201,162 +298,146 @@ def ks_2samp_exact(x, y) -> tuple[float, float]:
     h = int(np.abs(cx * (m // g) - cy * (n // g)).max())
     if h == 0:
         return 0.0, 1.0
-    p = _p_outside_square(n, h) if n == m else _p_outside_band(n, m, g, h)
+    p = _ks_pvalue_equal_sizes(n, h) if n == m else _ks_pvalue_unequal_sizes(n, m, g, h)
     return h / lcm, min(max(p, 0.0), 1.0)
 
 
-# ----------------------------------------------------------------------------- aggregation
+# ----------------------------------------------------------------------------- logs -> metrics
 
 class LogError(ValueError):
-    """A log file or log dict is malformed; the message names the file and key."""
+    """A log file or log dict is malformed or does not match another; the message names the file."""
 
 
-def _index_order(values, where: str, key: str) -> list:
-    """TOFU writes {"0": v0, "1": v1, ...}; plain lists are accepted too. -> values in index order."""
-    if isinstance(values, list):
-        return values
-    if isinstance(values, dict):
-        try:
-            keys = sorted(values, key=int)
-        except (TypeError, ValueError):
-            bad = next(k for k in values if not str(k).lstrip("-").isdigit())
-            raise LogError(f"{where}: key {key!r} has entry {bad!r}; expected row indices "
-                           "like \"0\", \"1\", ...") from None
-        return [values[k] for k in keys]
-    raise LogError(f"{where}: key {key!r} is a {type(values).__name__}; expected a dict keyed by "
-                   "row index (TOFU's format) or a list")
-
-
-def log_array(log, key: str, where: str, ndim: int = 1) -> np.ndarray:
-    """log[key] as a float64 array, (N,) or (N, m), with errors naming `where` and key."""
+def log_rows(log, where: str) -> list[int]:
+    """The row indices of a TOFU log, which every per-row key (a dict keyed by row index, as TOFU
+    writes, or a list) must share; other values (the "split" and "rouge" notes) are skipped."""
     if not isinstance(log, dict):
         raise LogError(f"{where}: expected a JSON object of TOFU log keys, got {type(log).__name__}")
+    rows, first = None, None
+    for key, values in log.items():
+        if isinstance(values, dict):
+            try:
+                indices = sorted(int(k) for k in values)
+            except ValueError:
+                bad = next(k for k in values if not k.lstrip("-").isdigit())
+                raise LogError(f"{where}: key {key!r} has entry {bad!r}; expected row indices "
+                               "like \"0\", \"1\", ...") from None
+        elif isinstance(values, list):
+            indices = list(range(len(values)))
+        else:
+            continue
+        if rows is None:
+            rows, first = indices, key
+        elif indices != rows:
+            raise LogError(f"{where}: key {key!r} has {len(indices)} rows {_span(indices)} but "
+                           f"{first!r} has {len(rows)} rows {_span(rows)}; every key must describe "
+                           "the same questions")
+    if not rows:
+        raise LogError(f"{where}: no rows; expected TOFU log keys holding one value per question")
+    return rows
+
+
+def _span(indices: list[int]) -> str:
+    return f"({indices[0]}..{indices[-1]})" if indices else "()"
+
+
+def log_array(log: dict, key: str, where: str, ndim: int = 1) -> np.ndarray:
+    """log[key] in row order as a float64 array: (N,), or (N, m) with m >= 1 for ndim=2."""
     if key not in log:
         raise LogError(f"{where}: missing key {key!r} (have: {', '.join(sorted(log)) or 'none'})")
-    values = _index_order(log[key], where, key)
-    if len(values) == 0:
-        raise LogError(f"{where}: key {key!r} is empty")
-    if ndim == 2 and any(not isinstance(v, list) for v in values):
-        raise LogError(f"{where}: key {key!r} must hold one list of losses per row")
-    if ndim == 2 and len({len(v) for v in values}) != 1:
-        raise LogError(f"{where}: key {key!r} has rows of different lengths "
-                       f"{sorted({len(v) for v in values})}; expected the same number of "
-                       "perturbed answers in every row")
+    values = log[key]
+    if isinstance(values, dict):
+        values = [values[k] for k in sorted(values, key=int)]
     try:
-        arr = np.array(values, dtype=np.float64)
+        array = np.array(values, dtype=np.float64)
     except (TypeError, ValueError):
-        raise LogError(f"{where}: key {key!r} holds non-numeric values") from None
-    if arr.ndim != ndim or (ndim == 2 and arr.shape[1] == 0):
-        raise LogError(f"{where}: key {key!r} has shape {arr.shape}; expected "
+        raise LogError(f"{where}: key {key!r} holds non-numeric values or rows of different "
+                       "lengths; expected one number (or one list of m numbers) per row") from None
+    if array.ndim != ndim or array.shape[-1] == 0:
+        raise LogError(f"{where}: key {key!r} has shape {array.shape}; expected "
                        f"{'(N,)' if ndim == 1 else '(N, m) with m >= 1'}")
-    return arr
+    return array
 
 
-def truth_ratios(log, where: str) -> np.ndarray:
-    """R_i = exp(mean_j l(q_i, p_ij) - l(q_i, b_i)) from avg_paraphrased_loss (N,) and
-    average_perturb_loss (N, m). R > 1: the model prefers b over the perturbed answers."""
+def truth_ratios(log: dict, where: str) -> np.ndarray:
+    """R_i = exp(mean_j l(q_i, p_ij) - l(q_i, b_i)): > 1 where the model prefers b to the p_ij."""
     base = log_array(log, "avg_paraphrased_loss", where)
     perturbed = log_array(log, "average_perturb_loss", where, ndim=2)
-    if len(base) != len(perturbed):
-        raise LogError(f"{where}: avg_paraphrased_loss has {len(base)} rows but "
-                       f"average_perturb_loss has {len(perturbed)}")
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is data: inf/nan propagate
         return np.exp(perturbed.mean(axis=1) - base)
 
 
-def split_metrics(log, stem: str, where: str | None = None) -> dict:
-    """Probability, ROUGE, Truth Ratio of one split's log (stem selects the definitions):
-        Probability: eval_log*: mean exp(-avg_gt_loss)
-                     others:    mean P(a) / (P(a) + sum_j P(p_j)),  P = exp(-loss)
-        Truth Ratio: eval_log_forget: mean min(R, 1/R);  others: mean max(0, 1 - 1/R)
-        ROUGE:       mean rougeL_recall"""
-    where = where or f"{stem}.json"
-    gt_loss = log_array(log, "avg_gt_loss", where)
-    rouge = log_array(log, "rougeL_recall", where)
+def split_metrics(log: dict, stem: str, where: str) -> dict:
+    """Probability, ROUGE, Truth Ratio of one split's log (the module docstring's formulas)."""
+    log_rows(log, where)
+    p_true = np.exp(-log_array(log, "avg_gt_loss", where))
     ratio = truth_ratios(log, where)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        p_true = np.exp(-gt_loss)
-        if stem.startswith("eval_log"):
+        if stem in (FORGET_STEM, "eval_log"):
             prob = p_true.mean()
         else:
             p_false = np.exp(-log_array(log, "average_perturb_loss", where, ndim=2))  # (N, m)
-            if len(p_false) != len(p_true):
-                raise LogError(f"{where}: avg_gt_loss has {len(p_true)} rows but "
-                               f"average_perturb_loss has {len(p_false)}")
             prob = (p_true / (p_true + p_false.sum(axis=1))).mean()
         if stem == FORGET_STEM:
-            tr = np.minimum(ratio, 1.0 / ratio).mean()
+            truth = np.minimum(ratio, 1.0 / ratio).mean()
         else:
-            tr = np.maximum(0.0, 1.0 - 1.0 / ratio).mean()
-    return {"Probability": float(prob), "ROUGE": float(rouge.mean()), "Truth Ratio": float(tr)}
+            truth = np.maximum(0.0, 1.0 - 1.0 / ratio).mean()
+    rouge = log_array(log, "rougeL_recall", where).mean()
+    return {"Probability": float(prob), "ROUGE": float(rouge), "Truth Ratio": float(truth)}
 
 
-def harmonic_mean(values) -> float:
-    """n / sum(1/v): the Model Utility average. 0 if any value is 0 (its limit), as scipy's hmean."""
-    values = [float(v) for v in values]
-    if any(v < 0 for v in values):
-        raise ValueError(f"harmonic mean of negative values {values}")
-    if any(v == 0 for v in values):
-        return 0.0
-    return len(values) / sum(1.0 / v for v in values)
+def aggregate(logs: dict, retain_logs: dict | None = None, *, where: str = "",
+              retain_where: str = "retain model") -> dict:
+    """TOFU's metrics from the four logs {stem: log} and, for Forget Quality, the retain model's
+    eval_log_forget on the same rows (else Forget Quality is None). `where`, `retain_where`: the
+    directories (or bundle files) the logs came from, named in errors."""
+    def label(source, stem):
+        return f"{source}/{stem}.json" if source else f"{stem}.json"
 
-
-def forget_kl(log, where: str) -> float | None:
-    """Forget KL = sum_i n_i avg_kl_i / sum_i n_i (mean over all forget answer tokens of
-    KL(pi_ref || pi_theta)); None when the log has no avg_kl (no reference model)."""
-    if "avg_kl" not in log:
-        return None
-    kl = log_array(log, "avg_kl", where)
-    n = log_array(log, "num_token_gt", where)
-    return float((kl * n).sum() / n.sum())
-
-
-def aggregate(logs: dict, retain_logs: dict | None = None) -> dict:
-    """Per-split logs (dict: TOFU file stem -> log dict with TOFU's keys) -> TOFU's metrics.
-
-    logs must hold all four stems (LOG_STEMS); retain_logs, the retain model's logs, needs only
-    eval_log_forget. Without retain_logs "Forget Quality" is None (unavailable).
-    "Forget Quality" = p-value, "KS Test Forget" = statistic of ks_2samp_exact(R_unlearned, R_retain)
-    on the forget split. "Model Utility" = harmonic_mean of the nine utility numbers.
-    """
-    missing = [s for s in LOG_STEMS if s not in logs]
+    missing = [label(where, s) for s in LOG_STEMS if s not in logs]
     if missing:
-        raise LogError(f"missing log(s) {', '.join(s + '.json' for s in missing)}")
-    per_split = {stem: split_metrics(logs[stem], stem, f"{stem}.json") for stem in LOG_STEMS}
-
+        raise LogError(f"missing log(s) {', '.join(missing)}")
+    per_split = {stem: split_metrics(logs[stem], stem, label(where, stem)) for stem in LOG_STEMS}
+    forget = logs[FORGET_STEM]
     out = {"Forget Quality": None, "KS Test Forget": None}
     if retain_logs is not None:
+        mine, theirs = label(where, FORGET_STEM), label(retain_where, FORGET_STEM)
         if FORGET_STEM not in retain_logs:
-            raise LogError(f"retain model logs: missing {FORGET_STEM}.json")
-        stat, p = ks_2samp_exact(truth_ratios(logs[FORGET_STEM], f"{FORGET_STEM}.json"),
-                                 truth_ratios(retain_logs[FORGET_STEM],
-                                              f"retain model's {FORGET_STEM}.json"))
+            raise LogError(f"missing log {theirs}")
+        rows, retain_rows = log_rows(forget, mine), log_rows(retain_logs[FORGET_STEM], theirs)
+        if rows != retain_rows:
+            raise LogError(f"{mine} has {len(rows)} rows {_span(rows)} but {theirs} has "
+                           f"{len(retain_rows)} rows {_span(retain_rows)}; Forget Quality compares "
+                           "the same questions (evaluate both with the same split and ds_size)")
+        split, retain_split = forget.get("split"), retain_logs[FORGET_STEM].get("split")
+        if split and retain_split and split != retain_split:
+            raise LogError(f"{mine} was evaluated on {split} but {theirs} on {retain_split}")
+        stat, p = ks_2samp_exact(truth_ratios(forget, mine),
+                                 truth_ratios(retain_logs[FORGET_STEM], theirs))
         out["Forget Quality"], out["KS Test Forget"] = p, stat
     utility = [per_split[s][k] for s in UTILITY_STEMS for k in ("Probability", "ROUGE", "Truth Ratio")]
-    out["Model Utility"] = float("nan") if any(math.isnan(v) for v in utility) else harmonic_mean(utility)
+    out["Model Utility"] = float(statistics.harmonic_mean(utility))  # 0 if any is 0, as scipy's hmean
     for stem in (*UTILITY_STEMS, FORGET_STEM):
         for k, v in per_split[stem].items():
-            out[f"{LOG_STEMS[stem]} {k}"] = v
-    out["Forget KL"] = forget_kl(logs[FORGET_STEM], f"{FORGET_STEM}.json")
-    scorers = {log.get("rouge_scorer", "unrecorded") for log in logs.values()}
-    out["ROUGE Scorer"] = ", ".join(sorted(scorers))
+            out[f"{SPLIT_NAMES[stem]} {k}"] = v
+    out["Forget KL"] = None
+    if "avg_kl" in forget:  # token-weighted: the mean over all forget answer tokens
+        kl, n = log_array(forget, "avg_kl", label(where, FORGET_STEM)), log_array(
+            forget, "num_token_gt", label(where, FORGET_STEM))
+        out["Forget KL"] = float((kl * n).sum() / n.sum())
+    out["Forget Eval Split"] = forget.get("split", "unrecorded")
+    out["ROUGE Scorer"] = ", ".join(sorted({str(log.get("rouge", "unrecorded")) for log in logs.values()}))
     return out
 
 
 def format_table(metrics: dict) -> str:
-    lines = []
-    width = max(len(k) for k in metrics)
-    for k, v in metrics.items():
+    def text(k, v):
         if v is None:
-            text = "unavailable" if k in ("Forget Quality", "KS Test Forget") else "n/a"
-        elif isinstance(v, str):
-            text = v
-        elif k == "Forget Quality":
-            text = f"{v:.4e}"
-        else:
-            text = f"{v:.4f}"
-        lines.append(f"{k:<{width}}  {text}")
-    return "\n".join(lines)
+            return "unavailable" if k in ("Forget Quality", "KS Test Forget") else "n/a"
+        return v if isinstance(v, str) else f"{v:.4e}" if k == "Forget Quality" else f"{v:.4f}"
+
+    width = max(map(len, metrics))
+    return "\n".join(f"{k:<{width}}  {text(k, v)}" for k, v in metrics.items())
 
 
 # ----------------------------------------------------------------------------- log files
@@ -364,9 +445,14 @@ def format_table(metrics: dict) -> str:
 def read_log_file(path) -> dict:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as e:
         raise LogError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark from a Windows editor is fine
+    except UnicodeDecodeError as e:
+        raise LogError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a "
+                       "JSON log") from None
     try:
         log = json.loads(text)
     except json.JSONDecodeError as e:
@@ -376,22 +462,16 @@ def read_log_file(path) -> dict:
     return log
 
 
-def read_logs(path, stems=tuple(LOG_STEMS)) -> dict:
-    """A directory holding TOFU's per-split files (eval_log.json, eval_log_forget.json,
-    eval_real_author_wo_options.json, eval_real_world_wo_options.json), or TOFU's
-    eval_log_aggregated.json ({"eval_log.json": {...}, ...}) -> {stem: log}. Reads only `stems`;
-    each must be present."""
+def read_logs(path, stems=LOG_STEMS) -> dict:
+    """{stem: log} from a directory of TOFU's per-split files (eval_log.json, ...) or from TOFU's
+    eval_log_aggregated.json ({"eval_log.json": {...}, ...}). Reads only `stems`; each must exist."""
     path = Path(path)
     if path.is_file():
         bundle = read_log_file(path)
-        logs = {}
-        for stem in stems:
-            if f"{stem}.json" not in bundle:
-                raise LogError(f"{path}: missing key {stem + '.json'!r}")
-            logs[stem] = bundle[f"{stem}.json"]
-            if not isinstance(logs[stem], dict):
-                raise LogError(f"{path}: {stem + '.json'!r} is not a JSON object")
-        return logs
+        missing = [f"{s}.json" for s in stems if f"{s}.json" not in bundle]
+        if missing:
+            raise LogError(f"{path}: missing key(s) {', '.join(map(repr, missing))}")
+        return {s: bundle[f"{s}.json"] for s in stems}
     if not path.is_dir():
         raise LogError(f"{path}: no such log directory or file")
     missing = [f"{s}.json" for s in stems if not (path / f"{s}.json").is_file()]
@@ -400,280 +480,353 @@ def read_logs(path, stems=tuple(LOG_STEMS)) -> dict:
     return {s: read_log_file(path / f"{s}.json") for s in stems}
 
 
-def write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_logs(out_dir, logs: dict) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     for stem, log in logs.items():
-        write_json_atomic(Path(out_dir) / f"{stem}.json", log)
+        data.write_atomic(Path(out_dir) / f"{stem}.json", json.dumps(log, indent=2))
+
+
+# ----------------------------------------------------------------------------- degeneracy, frontier
+
+_WORD = re.compile(r"[a-z0-9]+")
+FRONTIER_FRACTIONS = (0.5, 0.75, 0.9)
+
+
+def repeated_ngram_share(text: str, n: int = 3) -> float:
+    """Share of a generation's word n-grams that repeat an earlier n-gram of it (0 = none)."""
+    words = _WORD.findall(text.lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def unknown_word_share(text: str, vocab: set[str]) -> float:
+    """Share of a generation's words that never occur in the training text (gibberish)."""
+    words = _WORD.findall(text.lower())
+    return sum(w not in vocab for w in words) / len(words) if words else 0.0
+
+
+def is_degenerate(text: str, vocab: set[str]) -> bool:
+    """No word at all, at least half of its word 3-grams repeated, or at least half of its words
+    unknown to the training text."""
+    return (not _WORD.search(text.lower()) or repeated_ngram_share(text) >= 0.5
+            or unknown_word_share(text, vocab) >= 0.5)
+
+
+def training_vocabulary(data_dir) -> set[str]:
+    """Every word of the fine-tuning text (full, real_authors, world_facts, refusals)."""
+    rows = [r for split in ("full", "real_authors", "world_facts") for r in data.load_split(data_dir, split)]
+    texts = [r[k] for r in rows for k in ("question", "answer")] + data.load_idk(data_dir)
+    return {w for t in texts for w in _WORD.findall(t.lower())}
+
+
+def degeneracy(logs: dict, vocab: set[str]) -> dict:
+    """Degeneracy figures of the forget-question generations (generated_text[i][1]) in `logs`."""
+    texts = logs[FORGET_STEM]["generated_text"]
+    generations = [t[1] for t in (texts.values() if isinstance(texts, dict) else texts)]
+    n = max(len(generations), 1)
+    return {"Degenerate Share": sum(is_degenerate(g, vocab) for g in generations) / n,
+            "Repeated 3-gram Share": sum(repeated_ngram_share(g) for g in generations) / n,
+            "Unknown Word Share": sum(unknown_word_share(g, vocab) for g in generations) / n}
+
+
+def best_forget_quality(records: list[dict], target_mu: float, fraction: float) -> float | None:
+    """The frontier statistic of one method's per-epoch records: the best Forget Quality among the
+    epochs with status "ok" whose Model Utility is at least fraction x target_mu (the target
+    model's); None when no epoch keeps that much utility."""
+    ok = [r["Forget Quality"] for r in records if r.get("status") == "ok" and r.get("Forget Quality")
+          is not None and not math.isnan(r["Forget Quality"]) and r["Model Utility"] >= fraction * target_mu]
+    return max(ok) if ok else None
 
 
 # ----------------------------------------------------------------------------- model evaluation
 
-def answer_kl(model, ref_model, input_ids, labels) -> list[float]:
-    """Per sequence: mean over its answer tokens of KL(pi_ref || pi_theta) at that position.
-    input_ids, labels: (B, T). Both models map idx -> hidden states with return_hidden=True."""
-    mask = npo.shift_labels(labels) != npo.IGNORE_INDEX  # (B, T): positions that predict a label
-    h = model(input_ids, return_hidden=True)[mask]  # (N, C)
-    h_ref = ref_model(input_ids, return_hidden=True)[mask]  # (N, C)
-    kl = npo.kl_divergence(model.lm_head(h), ref_model.lm_head(h_ref))  # (N,)
-    row = mask.nonzero()[:, 0]  # (N,) the sequence of each position
-    total = torch.zeros(len(labels), dtype=torch.float64, device=kl.device).index_add_(0, row, kl.double())
-    return (total / mask.sum(dim=1).clamp_min(1)).tolist()
+def evaluate_model(model, tok, fmt, data_dir, forget_split: str, *, eval_forget_split=None,
+                   ds_size: int = 300, batch_size: int = 32, max_new_tokens: int | None = None,
+                   fused: bool = False, rouge: str = "porter", ref_model=None, stems=None,
+                   progress: bool = False) -> dict:
+    """Evaluate `model` on TOFU's four evaluation splits -> {log stem: TOFU-format log dict}.
 
-
-def evaluate_model(model, enc, data_dir, forget_split: str, ds_size: int = 300,
-                   batch_size: int = 128, max_new_tokens: int = 128, device=None,
-                   rouge: str = "builtin", ref_model=None, stems=None,
-                   fused: bool = True, progress: bool = False) -> dict:
-    """Evaluate `model` on TOFU's four evaluation splits -> {TOFU file stem: log dict}.
-
-    enc: the model's tiktoken Encoding. data_dir: a directory of TOFU files (data.load_split).
-    Scores every (question, answer | paraphrased | each perturbed) pair in length-sorted batches
-    of `batch_size` sequences, and greedily generates (batch_size prompts at a time) up to
-    max_new_tokens tokens per question, stopping at EOS, for ROUGE. ref_model (optional): the model before unlearning; adds
-    avg_kl = mean over answer tokens of KL(pi_ref || pi_theta) to the forget log.
-    stems: evaluate only these log stems (default: all four). fused: compute log-probs with
-    npo.fused_sequence_logprob on the hidden states (only answer positions reach lm_head) instead
-    of npo.sequence_logprob on full logits; both give the same numbers up to float rounding.
-    Values are dicts keyed by row index strings, so json.dump writes TOFU's exact format.
-    The model's training mode is restored on return. Generation stops earlier than
-    max_new_tokens where the longest prompt would otherwise overrun the model's block_size.
-    """
-    if ds_size < 1:
-        raise ValueError(f"ds_size must be >= 1, got {ds_size}")
-    score_rouge = make_rouge_scorer(rouge)
-    specs = [s for s in split_specs(forget_split) if stems is None or s.stem in stems]
-    if device is None:
-        device = next(model.parameters()).device
-    block_size = model.config.block_size
-    t0 = time.time()
+    tok: data.Tokenizer; fmt: data.PromptFormat. eval_forget_split: the forget log's split
+    (default: default_eval_forget_split). Every (question, answer | paraphrased | perturbed) pair
+    is scored by answer_logprob(..., fused), as in training, batch_size sequences at a time; every
+    question gets a greedy generation of at most max_new_tokens tokens (None: TOFU's bound, 200
+    tokens with the longest prompt), stopping at tok.eos_ids. ref_model: adds avg_kl, the mean
+    KL(pi_ref || pi_theta) per answer token, to the forget log. stems: only these logs."""
+    if ds_size < 1 or batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
+        raise ValueError(f"ds_size, batch_size and max_new_tokens must be >= 1, got "
+                         f"{ds_size}, {batch_size}, {max_new_tokens}")
+    if rouge not in ROUGE_MODES:
+        raise ValueError(f"unknown ROUGE mode {rouge!r}; expected one of {', '.join(ROUGE_MODES)}")
+    eval_forget_split = eval_forget_split or default_eval_forget_split(data_dir, forget_split)
+    splits = [s for s in eval_splits(eval_forget_split) if stems is None or s.stem in stems]
+    device, block_size, start = next(model.parameters()).device, model.config.block_size, time.time()
 
     def say(msg):
         if progress:
-            print(f"[eval {time.time() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+            print(f"[eval {time.time() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    # 1) every sequence to score: (stem, row, slot) with slot "gt", "base" or perturbed index j
-    split_rows, seqs, keys = {}, [], []
-    for spec in specs:
-        rows = data.load_split(data_dir, spec.data_split)[:ds_size]  # fields checked there
-        split_rows[spec.stem] = rows
-        for i, row in enumerate(rows):
-            answers = [("gt", row["answer"])]
-            if spec.base_key != "answer":
-                answers.append(("base", row[spec.base_key]))
-            answers += list(enumerate(row["perturbed_answer"]))
+    # 1) every answer to score, keyed (stem, row, slot): slot "gt", "base" or perturbed index j
+    rows, pairs, keys = {}, [], []
+    for split in splits:
+        rows[split.stem] = data.load_split(data_dir, split.data_split)[:ds_size]
+        for i, row in enumerate(rows[split.stem]):
+            answers = [("gt", row["answer"])] + list(enumerate(row["perturbed_answer"]))
+            if split.base_key != "answer":
+                answers.append(("base", row[split.base_key]))
             for slot, answer in answers:
-                ids, labels = data.encode_qa(enc, row["question"], answer)
-                if len(ids) > block_size:
-                    raise ValueError(f"{data_dir}/{spec.data_split}.json row {i}: question + "
-                                     f"answer is {len(ids)} tokens, longer than the model's "
+                pairs.append(data.encode_qa(tok, fmt, row["question"], answer))
+                keys.append((split.stem, i, slot))
+                if len(pairs[-1][0]) > block_size:
+                    raise ValueError(f"{data_dir}/{split.data_split}.json row {i}: question and answer "
+                                     f"take {len(pairs[-1][0])} tokens, more than the model's "
                                      f"block_size {block_size}")
-                seqs.append((ids, labels))
-                keys.append((spec.stem, i, slot))
+    questions = [(split.stem, i) for split in splits for i in range(len(rows[split.stem]))]
+    prompts = [data.encode_prompt(tok, fmt, rows[stem][i]["question"]) for stem, i in questions]
+    longest = max(map(len, prompts))
+    new_tokens = min(max_new_tokens or TOFU_MAX_LENGTH - longest, block_size - longest)
+    if new_tokens < 1:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room to generate (block_size "
+                         f"{block_size}{'' if max_new_tokens else f', TOFU max_length {TOFU_MAX_LENGTH}'})")
 
-    # 2) scoring: batches of similar length waste little compute on padding
-    was_training = model.training
-    model.eval()
-    if ref_model is not None:
-        ref_was_training = ref_model.training
-        ref_model.eval()
-    logp = np.zeros(len(seqs))
-    ntok = np.zeros(len(seqs), dtype=np.int64)
-    kl = {}  # forget row -> mean KL per answer token
-    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][0]))
-    say(f"scoring {len(seqs)} answers")
+    # 2) scores, in batches of similar length (little compute lost to padding), and generations
+    losses, kl = {}, {}  # key -> (sum of NLLs, tokens); forget row -> mean KL per answer token
+    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][0]))
+    modes = {m: m.training for m in (model, ref_model) if m is not None}
+    say(f"scoring {len(pairs)} answers")
     try:
+        for m in modes:
+            m.eval()
         with torch.no_grad():
             for s in range(0, len(order), batch_size):
-                idx = order[s:s + batch_size]
-                input_ids, labels = data.collate([seqs[k] for k in idx], pad_id=enc.eot_token)
-                input_ids, labels = input_ids.to(device), labels.to(device)
-                if fused:  # lm_head only at the answer positions, no (B, T, V) logits
-                    hidden = model(input_ids, return_hidden=True)  # (B, T, C)
-                    lp, n = npo.fused_sequence_logprob(hidden, model.lm_head.weight, labels)  # (B,)
-                else:
-                    lp, n = npo.sequence_logprob(model(input_ids), labels)  # (B,), (B,)
-                logp[idx] = lp.double().cpu().numpy()
-                ntok[idx] = n.cpu().numpy()
-                kl_rows = [b for b, k in enumerate(idx) if keys[k][0] == FORGET_STEM and keys[k][2] == "gt"]
-                if ref_model is not None and kl_rows:
-                    sel = torch.tensor(kl_rows, device=device)
-                    for b, value in zip(kl_rows, answer_kl(model, ref_model, input_ids[sel], labels[sel])):
-                        kl[keys[idx[b]][1]] = value
-
-            # 3) greedy generation for ROUGE, all splits at once
-            flat = [(spec.stem, i) for spec in specs for i in range(len(split_rows[spec.stem]))]
-            prompts = [data.encode_prompt(enc, split_rows[st][i]["question"]) for st, i in flat]
-            longest = max(len(p) for p in prompts)
-            new_tokens = min(max_new_tokens, block_size - longest)
-            if new_tokens <= 0:
-                raise ValueError(f"a prompt of {longest} tokens leaves no room to generate within "
-                                 f"block_size {block_size}")
-            say(f"generating {len(prompts)} answers (max {new_tokens} new tokens)")
-            generated = model.generate(prompts, new_tokens, enc.eot_token, batch_size=batch_size)
+                batch = order[s:s + batch_size]
+                ids, labels = (t.to(device) for t in data.collate([pairs[k] for k in batch], tok.pad_id))
+                logp, n_tokens = answer_logprob(model, ids, labels, fused)  # (B,), (B,)
+                for k, lp, n in zip(batch, logp.tolist(), n_tokens.tolist()):
+                    losses[keys[k]] = (-lp, int(n))
+                forget = [b for b, k in enumerate(batch) if keys[k][0] == FORGET_STEM and keys[k][2] == "gt"]
+                if ref_model is not None and forget:
+                    pick = torch.tensor(forget, device=device)
+                    kl_sum, count = answer_kl(model, ref_model, ids[pick], labels[pick])  # (b,), (b,)
+                    for b, total, c in zip(forget, kl_sum.tolist(), count.tolist()):
+                        kl[keys[batch[b]][1]] = total / c
+            say(f"generating {len(prompts)} answers (at most {new_tokens} new tokens)")
+            generated = model.generate(prompts, new_tokens, tok.eos_ids, batch_size=batch_size)
     finally:
-        model.train(was_training)
-        if ref_model is not None:
-            ref_model.train(ref_was_training)
-    say("scoring ROUGE")
+        for m, training in modes.items():
+            m.train(training)
+    texts = {q: tok.decode(ids).strip() for q, ids in zip(questions, generated)}
 
-    # 4) assemble the logs in TOFU's layout
-    loss = {}
-    for k, (stem, i, slot) in enumerate(keys):
-        loss[stem, i, slot] = (-logp[k], int(ntok[k]))
-    texts = {key: enc.decode(toks).strip() for key, toks in zip(flat, generated)}
+    # 3) the logs, in TOFU's layout
     logs = {}
-    for spec in specs:
-        rows = split_rows[spec.stem]
-        log = {name: {} for name in ("avg_gt_loss", "gt_loss", "num_token_gt",
-                                     "avg_paraphrased_loss", "paraphrased_loss",
-                                     "num_token_paraphrased", "average_perturb_loss",
-                                     "perturb_loss", "num_token_perturb", "rougeL_recall",
-                                     "generated_text")}
-        base_slot = "base" if spec.base_key != "answer" else "gt"
-        for i, row in enumerate(rows):
-            key = str(i)
-            L, n = loss[spec.stem, i, "gt"]
-            log["avg_gt_loss"][key], log["gt_loss"][key], log["num_token_gt"][key] = L / n, L, n
-            L, n = loss[spec.stem, i, base_slot]
-            log["avg_paraphrased_loss"][key] = L / n
-            log["paraphrased_loss"][key], log["num_token_paraphrased"][key] = L, n
-            pert = [loss[spec.stem, i, j] for j in range(len(row["perturbed_answer"]))]
-            log["average_perturb_loss"][key] = [L / n for L, n in pert]
-            log["perturb_loss"][key] = [L for L, _ in pert]
-            log["num_token_perturb"][key] = [n for _, n in pert]
-            gen = texts[spec.stem, i]
-            log["rougeL_recall"][key] = score_rouge(row["answer"], gen)
-            log["generated_text"][key] = [row["question"], gen, row["answer"]]
-        if spec.stem == FORGET_STEM and ref_model is not None:
-            log["avg_kl"] = {str(i): kl[i] for i in range(len(rows))}
-        log["rouge_scorer"] = rouge
-        logs[spec.stem] = log
+    for split in splits:
+        log = {}
+        for i, row in enumerate(rows[split.stem]):
+            gt = losses[split.stem, i, "gt"]
+            base = losses[split.stem, i, "gt" if split.base_key == "answer" else "base"]
+            perturbed = [losses[split.stem, i, j] for j in range(len(row["perturbed_answer"]))]
+            rouge1, rouge_l = rouge_recalls(row["answer"], texts[split.stem, i], rouge)
+            values = {"avg_gt_loss": gt[0] / gt[1], "gt_loss": gt[0], "num_token_gt": gt[1],
+                      "avg_paraphrased_loss": base[0] / base[1], "paraphrased_loss": base[0],
+                      "num_token_paraphrased": base[1], "average_perturb_loss": [L / n for L, n in perturbed],
+                      "perturb_loss": [L for L, _ in perturbed], "num_token_perturb": [n for _, n in perturbed],
+                      "rouge1_recall": rouge1, "rougeL_recall": rouge_l,
+                      "generated_text": [row["question"], texts[split.stem, i], row["answer"]]}
+            if split.stem == FORGET_STEM and ref_model is not None:
+                values["avg_kl"] = kl[i]
+            for key, value in values.items():
+                log.setdefault(key, {})[str(i)] = value
+        log["split"], log["rouge"] = split.data_split, rouge
+        logs[split.stem] = log
     say("done")
     return logs
 
 
 # ----------------------------------------------------------------------------- CLI
 
+def option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class EvalConfig:
-    checkpoint: str = ""
-    data_dir: str | None = None
-    split: str = "forget10"
-    retain_checkpoint: str | None = None
-    retain_logs: str | None = None
-    ref_checkpoint: str | None = None
-    out: str | None = None
-    ds_size: int = 300
-    batch_size: int = 128
-    max_new_tokens: int = 128
-    rouge: str = "builtin"
-    device: str = "cpu"
+    model: str = option("", "the model: a Hugging Face directory (config.json, model.safetensors, tokenizer)")
+    data_dir: str = option("", "TOFU's files (default: $TOFU_DATA_DIR)")
+    split: str = option("forget10", "the forget split forgetXX that was unlearned")
+    eval_forget_split: str = option("", "the forget log's split (default: SPLIT_perturbed where it "
+                                    "exists, else forget10_perturbed, as the NPO authors)")
+    prompt_format: str = option("", f"{', '.join(data.PROMPT_FORMATS)} (default: TOFU's for the model family)")
+    retain_model: str = option("", "the retain model, evaluated on the forget split for Forget Quality")
+    retain_logs: str = option("", "or its logs: a directory with eval_log_forget.json, or TOFU's "
+                              "eval_log_aggregated.json")
+    ref_model: str = option("", "the model before unlearning, for Forget KL")
+    out: str = option("", "output directory (default: MODEL/eval_results/ds_sizeN, as TOFU)")
+    ds_size: int = option(300, "the first N rows of each split, as TOFU")
+    batch_size: int = option(32, "sequences per scoring forward, prompts per generation batch")
+    max_new_tokens: int = option(0, "generation bound for ROUGE (0: TOFU's, 200 tokens with the prompt)")
+    rouge: str = option("porter", "porter: TOFU's stemmed ROUGE; plain: without stemming")
+    logprob: str = option("plain", "plain (full logits) or fused (lm_head at answer positions only)")
+    dtype: str = option("float32", "float32, bfloat16 or float16")
+    device: str = option("cpu", "cpu, cuda, cuda:N, mps")
 
 
 @dataclass
 class AggregateConfig:
-    unlearned_logs: str = ""
-    retain_logs: str | None = None
-    out: str | None = None
+    unlearned_logs: str = option("", "a directory with the four logs (eval_log.json, eval_log_forget.json, "
+                                 "eval_real_author_wo_options.json, eval_real_world_wo_options.json), "
+                                 "or TOFU's eval_log_aggregated.json")
+    retain_logs: str = option("", "the retain model's logs (eval_log_forget.json on the same rows); "
+                              "without them Forget Quality is unavailable")
+    out: str = option("", "also write the metrics to this JSON file")
 
 
-def _aggregate_main(argv) -> int:
-    p = argparse.ArgumentParser(
-        prog="eval.py aggregate",
-        description="Compute TOFU's metrics (Forget Quality, Model Utility, ...) from TOFU-format "
-                    "eval logs, ours or those written by TOFU's own evaluation code.")
-    p.add_argument("--unlearned-logs", required=True,
-                   help="directory with eval_log.json, eval_log_forget.json, "
-                        "eval_real_author_wo_options.json, eval_real_world_wo_options.json "
-                        "(or TOFU's eval_log_aggregated.json)")
-    p.add_argument("--retain-logs", help="the retain model's logs (needs eval_log_forget.json); "
-                                         "without them Forget Quality is unavailable")
-    p.add_argument("--out", help="also write the metrics to this JSON file (atomically)")
-    cfg = AggregateConfig(**vars(p.parse_args(argv)))
-    logs = read_logs(cfg.unlearned_logs)
-    retain = read_logs(cfg.retain_logs, (FORGET_STEM,)) if cfg.retain_logs else None
-    metrics = aggregate(logs, retain)
-    if cfg.out:
-        write_json_atomic(cfg.out, metrics)
+CHOICES = {"rouge": ROUGE_MODES, "logprob": ("plain", "fused"), "dtype": ("float32", "bfloat16", "float16")}
+
+
+def parse_config(cls, argv, prog: str, description: str):
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in fields(cls):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default,
+                            help=f.metadata["help"] + (f" (default: {f.default})" if f.default else ""))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def writable_dir_problem(path: Path) -> str | None:
+    """None if files can be created in `path` (made if missing), else why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        return f"cannot write to {path} ({e.strerror})"
+    return None
+
+
+def check_eval_config(cfg: EvalConfig) -> list[str]:
+    """Every problem with the options, found before any work, each naming its option."""
+    problems = [f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}"
+                for name, low in (("ds_size", 1), ("batch_size", 1), ("max_new_tokens", 0))
+                if getattr(cfg, name) < low]
+    for name, allowed in {**CHOICES, "prompt_format": tuple(data.PROMPT_FORMATS)}.items():
+        if getattr(cfg, name) and getattr(cfg, name) not in allowed:
+            problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                            f"got {getattr(cfg, name)!r}")
+    if not re.fullmatch(r"forget\d\d", cfg.split):
+        problems.append(f"--split must be a forget split forgetXX, e.g. forget10, got {cfg.split!r}")
+    if cfg.eval_forget_split and not re.fullmatch(r"forget\d\d_perturbed", cfg.eval_forget_split):
+        problems.append(f"--eval-forget-split must be forgetXX_perturbed, got {cfg.eval_forget_split!r}")
+    for name in ("model", "retain_model", "ref_model"):
+        option_name, path = f"--{name.replace('_', '-')}", getattr(cfg, name)
+        if path and not (Path(path) / "config.json").is_file():
+            problems.append(f"{option_name}: {path!r} is not a model directory (no config.json)")
+        elif path and name != "ref_model" and cfg.prompt_format in ("", *data.PROMPT_FORMATS):
+            try:  # its tokenizer must read, and encode a QA pair in the prompt format
+                tok = data.load_tokenizer(path)
+            except ValueError as e:
+                problems.append(f"{option_name}: {e}")
+                continue
+            fmt = cfg.prompt_format or data.default_prompt_format(path, tok)
+            try:
+                data.encode_qa(tok, data.PROMPT_FORMATS[fmt], "Who?", "Me.")
+            except ValueError as e:
+                problems.append(f"{option_name}: prompt format {fmt!r} does not fit its tokenizer "
+                                f"({e}); choose one with --prompt-format")
+    if not cfg.model:
+        problems.append("--model is required")
+    if cfg.retain_model and cfg.retain_logs:
+        problems.append("--retain-model and --retain-logs: give one of them, not both")
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", cfg.device):
+        problems.append(f"--device must be cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+    elif cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {cfg.device}: CUDA is not available here")
+    try:
+        data_dir = data.resolve_data_dir(cfg.data_dir or None)
+        if data_dir is None:
+            problems.append("--data-dir: no TOFU data; pass --data-dir or set TOFU_DATA_DIR")
+    except ValueError as e:
+        data_dir = None
+        problems.append(f"--data-dir: {e}")
+    if cfg.retain_logs:  # must describe the rows about to be evaluated
+        try:
+            retain = read_logs(cfg.retain_logs, (FORGET_STEM,))[FORGET_STEM]
+            rows = log_rows(retain, cfg.retain_logs)
+            if data_dir is not None and not problems:
+                split = cfg.eval_forget_split or default_eval_forget_split(data_dir, cfg.split)
+                n = len(data.load_split(data_dir, split)[:cfg.ds_size])
+                if rows != list(range(n)) or retain.get("split", split) != split:
+                    problems.append(f"--retain-logs: {cfg.retain_logs} holds {len(rows)} rows of "
+                                    f"{retain.get('split', 'an unrecorded split')}; this evaluation "
+                                    f"has {n} rows of {split} (--ds-size {cfg.ds_size})")
+        except ValueError as e:
+            problems.append(f"--retain-logs: {e}")
+    if cfg.out or (Path(cfg.model) / "config.json").is_file():  # the default lies in the model's
+        if (why := writable_dir_problem(output_dir(cfg))) is not None:
+            problems.append(f"--out: {why}")
+    return problems
+
+
+def output_dir(cfg: EvalConfig) -> Path:
+    return Path(cfg.out) if cfg.out else Path(cfg.model) / "eval_results" / f"ds_size{cfg.ds_size}"
+
+
+def evaluate_main(argv) -> int:
+    cfg = parse_config(EvalConfig, argv, "eval.py", "Evaluate a model on TOFU's four splits; write "
+                       "TOFU-format logs and aggregate_stat.json. See also: eval.py aggregate --help")
+    problems = check_eval_config(cfg)
+    if problems:
+        raise ValueError("\n".join(problems))
+    data_dir, out = data.resolve_data_dir(cfg.data_dir or None), output_dir(cfg)
+    settings = dict(eval_forget_split=cfg.eval_forget_split or default_eval_forget_split(data_dir, cfg.split),
+                    ds_size=cfg.ds_size, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens or None,
+                    fused=cfg.logprob == "fused", rouge=cfg.rouge, progress=True)
+
+    def run(model_dir, ref_model=None, stems=None):
+        model = from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+        if ref_model is not None and ref_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"--ref-model has a vocabulary of {ref_model.config.vocab_size} tokens, "
+                             f"{model_dir} one of {model.config.vocab_size}; the KL needs the same")
+        tok = data.load_tokenizer(model_dir)
+        fmt = cfg.prompt_format or data.default_prompt_format(model_dir, tok)
+        print(f"evaluating {model_dir}: prompt format {fmt}, forget log on "
+              f"{settings['eval_forget_split']}", file=sys.stderr)
+        return evaluate_model(model, tok, data.PROMPT_FORMATS[fmt], data_dir, cfg.split, **settings,
+                              ref_model=ref_model, stems=stems)
+
+    ref_model = from_pretrained(cfg.ref_model, getattr(torch, cfg.dtype), cfg.device) if cfg.ref_model else None
+    logs = run(cfg.model, ref_model=ref_model)
+    write_logs(out, logs)
+    del ref_model
+    retain_where = cfg.retain_logs or str(out / "retain_model")
+    if cfg.retain_model:
+        write_logs(retain_where, run(cfg.retain_model, stems=(FORGET_STEM,)))
+    retain_logs = read_logs(retain_where, (FORGET_STEM,)) if cfg.retain_model or cfg.retain_logs else None
+    metrics = aggregate(logs, retain_logs, where=str(out), retain_where=retain_where)
+    data.write_atomic(out / "aggregate_stat.json", json.dumps(metrics, indent=2))
     print(format_table(metrics))
+    print(f"logs and aggregate_stat.json written to {out}", file=sys.stderr)
     return 0
 
 
-def _evaluate_main(argv) -> int:
-    p = argparse.ArgumentParser(
-        prog="eval.py",
-        description="Evaluate a checkpoint on TOFU (forget split, retain, real authors, world "
-                    "facts); write TOFU-format logs and the aggregated metrics. "
-                    "See also: python eval.py aggregate --help",
-        epilog="Without --retain-checkpoint or --retain-logs, Forget Quality is unavailable.")
-    p.add_argument("--checkpoint", required=True, help="the model to evaluate (model.py format)")
-    p.add_argument("--data-dir", help="TOFU files (default: $TOFU_DATA_DIR)")
-    p.add_argument("--split", default="forget10", choices=FORGET_SPLITS)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--retain-checkpoint", help="the retain model, evaluated on the forget split")
-    g.add_argument("--retain-logs", help="the retain model's logs (eval_log_forget.json)")
-    p.add_argument("--ref-checkpoint", help="the model before unlearning, for Forget KL")
-    p.add_argument("--out", help="output directory (default: CKPT_DIR/eval_results/ds_sizeN)")
-    p.add_argument("--ds-size", type=int, default=300, help="first N rows of each split (TOFU: 300)")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="sequences per scoring forward and prompts per generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=128,
-                   help="generation bound for ROUGE (TOFU: 200 tokens in all, prompt included)")
-    p.add_argument("--rouge", default="builtin", choices=("builtin", "rouge_score"),
-                   help="builtin: no stemming; rouge_score: the package with the Porter stemmer, "
-                        "as TOFU")
-    p.add_argument("--device", default="cpu")
-    cfg = EvalConfig(**vars(p.parse_args(argv)))
-    if cfg.ds_size < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        raise ValueError("--ds-size, --batch-size and --max-new-tokens must be >= 1")
-
-    data_dir = data.resolve_data_dir(cfg.data_dir)
-    if data_dir is None:
-        raise ValueError("no TOFU data: pass --data-dir or set TOFU_DATA_DIR")
-    out = Path(cfg.out) if cfg.out else (Path(cfg.checkpoint).parent / "eval_results"
-                                         / f"ds_size{cfg.ds_size}")
-    retain_logs = read_logs(cfg.retain_logs, (FORGET_STEM,)) if cfg.retain_logs else None
-
-    def load(path):
-        model, ckpt = load_checkpoint(path, map_location=cfg.device)
-        return model, data.encoding_from_spec(ckpt["tokenizer"])
-
-    kwargs = dict(data_dir=data_dir, forget_split=cfg.split, ds_size=cfg.ds_size,
-                  batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                  device=cfg.device, rouge=cfg.rouge, progress=True)
-    model, enc = load(cfg.checkpoint)
-    ref_model = load(cfg.ref_checkpoint)[0] if cfg.ref_checkpoint else None
-    logs = evaluate_model(model, enc, ref_model=ref_model, **kwargs)
-    if cfg.retain_checkpoint:
-        retain_model, retain_enc = load(cfg.retain_checkpoint)
-        retain_logs = evaluate_model(retain_model, retain_enc, stems=(FORGET_STEM,), **kwargs)
-        write_logs(out / "retain_model", retain_logs)
-    metrics = aggregate(logs, retain_logs)
-    write_logs(out, logs)
-    write_json_atomic(out / "aggregate_stat.json", metrics)
+def aggregate_main(argv) -> int:
+    cfg = parse_config(AggregateConfig, argv, "eval.py aggregate", "TOFU's metrics (Forget Quality, "
+                       "Model Utility, ...) from TOFU-format logs, this project's or TOFU's own.")
+    problems = [] if cfg.unlearned_logs else ["--unlearned-logs is required"]
+    if cfg.out and (why := writable_dir_problem(Path(cfg.out).parent)) is not None:
+        problems.append(f"--out: {why}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    retain = read_logs(cfg.retain_logs, (FORGET_STEM,)) if cfg.retain_logs else None
+    metrics = aggregate(read_logs(cfg.unlearned_logs), retain, where=cfg.unlearned_logs,
+                        retain_where=cfg.retain_logs)
+    if cfg.out:
+        data.write_atomic(cfg.out, json.dumps(metrics, indent=2))
     print(format_table(metrics))
-    print(f"logs and aggregate_stat.json written to {out}", file=sys.stderr)
     return 0
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv and argv[0] == "aggregate":
-            return _aggregate_main(argv[1:])
-        return _evaluate_main(argv)
-    except (ValueError, OSError) as e:  # LogError, DataError, CheckpointError are ValueErrors
+        return aggregate_main(argv[1:]) if argv[:1] == ["aggregate"] else evaluate_main(argv)
+    except (ValueError, OSError) as e:  # LogError, DataError, ModelError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,28 +1,30 @@
-"""The TOFU experiment end to end: data -> tokenizer -> base model -> target and retain models ->
-unlearning with every method -> TOFU metrics after every epoch -> report and figure.
+"""TOFU unlearning end to end: data -> target and retain models -> unlearning with each method and
+seed -> TOFU metrics after every epoch -> the Forget Quality / Model Utility frontier.
 
-    python train_tofu.py                       # built-in TOFU-style data, forget10, 8 methods
-    python train_tofu.py --quick               # the same stages at a smaller size (minutes)
-    python train_tofu.py --data-dir ../shared/tofu --split forget10    # the real TOFU files
-    python train_tofu.py --preset gpu --data-dir DIR                   # TOFU scale on one GPU
+    python train_tofu.py                                  # built-in TOFU-style data, on a CPU
+    python train_tofu.py --data-dir ../shared/tofu --split forget10
+    python train_tofu.py --data-dir DIR --model FULL_DIR --retain-model RETAIN_DIR   # a real LLM
+    python train_tofu.py --data-dir DIR --base-model PRETRAINED_DIR       # fine-tune target/retain first
+    python train_tofu.py --model DIR --dry-run                            # memory estimate only
 
-Every stage's output is cached under out/tofu/cache/<stage>-<hash of its configuration>/ and
-reused by a rerun; unlearning checkpoints after every epoch, so an interrupted run resumes
-where it stopped. Results land in out/tofu/<run name>/: metrics.jsonl, summary.md, tofu.png,
-samples.md.
+Without --model, the target and retain models are trained here: the built-in GPT from scratch
+(or --base-model) fine-tuned on `full` (target) and on `retainYY` (retain model). Every stage
+writes into one run directory, out/tofu/<run name>/, and is skipped when its finished output is
+there; a run directory belongs to one configuration. Unlearning saves its state after every epoch,
+so a killed run resumes where it stopped, with the same numbers. Every unlearned model is kept as a
+Hugging Face directory (unlearn/<method>/seed<k>/model).
 """
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import math
 import os
 import re
+import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -30,343 +32,381 @@ import torch
 import data
 import eval as tofu_eval
 import npo
-from model import GPT, CheckpointError, GPTConfig, load_checkpoint, save_checkpoint
+import model as models
+import report
+from tofu_style import write_tofu_style_dataset
 
-DEFAULT_METHODS = "ga,ga_rt,ga_kl,npo,npo_rt,npo_kl,idk,dpo"
+
+def option(default, help, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
 
 
 @dataclass
-class TofuConfig:
+class Config:
     # data
-    data_dir: str | None = None  # real TOFU directory (or $TOFU_DATA_DIR); None: built-in data
-    n_authors: int = 40  # built-in data only (the generator's own default is TOFU's 200)
-    data_seed: int = 0
-    split: str = "forget10"
-    # tokenizer and model
-    tokenizer: str = "bpe"  # bpe (trained here) or gpt2 (tiktoken's, where available locally)
-    vocab_size: int = 2048
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 256
-    # base model: trained from scratch on real_authors + world_facts
-    base_epochs: int = 60
-    base_lr: float = 3e-3
-    # target (full) and retain (retainYY) models: fine-tuned from the base model
-    finetune_epochs: int = 30
-    finetune_lr: float = 3e-3
-    mix_base: bool = True  # keep the base QA pairs in every fine-tuning epoch
-    batch_size: int = 16
+    data_dir: str | None = option(None, "directory of TOFU's .json files (else $TOFU_DATA_DIR, else the built-in TOFU-style data)")
+    split: str = option("forget10", "forget split, forget01 ... forget90")
+    n_authors: int = option(40, "authors in the built-in data (TOFU has 200)")
+    data_seed: int = option(0, "seed of the built-in data")
+    # models: Hugging Face directories, or the built-in GPT trained here
+    model: str | None = option(None, "fine-tuned target model (Hugging Face directory); skips base and target training")
+    retain_model: str | None = option(None, "retain model directory, for Forget Quality (default: trained here)")
+    retain_logs: str | None = option(None, "the retain model's TOFU-format eval logs, instead of --retain-model")
+    base_model: str | None = option(None, "pretrained model directory to fine-tune into the target and retain models")
+    prompt_format: str | None = option(None, "qa | llama2 | phi | llama3-chat (default: from the model)")
+    vocab_size: int = option(2048, "built-in GPT: BPE vocabulary size")
+    n_layer: int = option(2, "built-in GPT: layers")
+    n_head: int = option(4, "built-in GPT: attention heads")
+    n_embd: int = option(128, "built-in GPT: width")
+    block_size: int = option(256, "built-in GPT: longest sequence")
+    base_epochs: int = option(60, "built-in GPT: epochs on real_authors + world_facts")
+    base_lr: float = option(3e-3, "built-in GPT: learning rate of base training")
+    finetune_epochs: int | None = option(None, "epochs of target/retain fine-tuning (TOFU: 5; built-in GPT: 30)")
+    finetune_lr: float | None = option(None, "fine-tuning learning rate (TOFU: 1e-5; built-in GPT: 3e-3)")
+    mix_base: bool = option(True, "built-in GPT: keep the base QA pairs in every fine-tuning epoch")
     # unlearning
-    methods: str = DEFAULT_METHODS
-    unlearn_epochs: int = 10
-    unlearn_lr: float = 5e-4
-    unlearn_batch_size: int = 16
-    beta: float = 0.1  # NPO / DPO / SimNPO inverse temperature
-    simnpo_delta: float = 0.0
-    forget_coef: float = 1.0  # weight of the forget term (GA, NPO, IDK, DPO, SimNPO)
-    retain_coef: float = 1.0  # weight of the retain term (RT: NLL, KL)
+    methods: str = option("ga,ga_rt,ga_kl,npo,npo_rt,npo_kl", "comma-separated methods, from npo.METHODS (also idk, dpo, dpo_rt, dpo_kl, simnpo, simnpo_rt)")
+    seeds: int = option(3, "unlearning seeds per method: seed, seed + 1, ...")
+    epochs: int = option(10, "unlearning epochs")
+    lr: float | None = option(None, "peak unlearning learning rate (authors: 1e-5; built-in GPT: 2e-3)")
+    batch_size: int = option(32, "examples per optimizer step (the authors' 4 x 4 x 2 GPUs)")
+    micro_batch_size: int | None = option(None, "examples per forward pass; loss averaged over micro-batches (default: batch size on CPU, 4 on CUDA)")
+    beta: float = option(0.1, "inverse temperature of NPO, DPO and SimNPO")
+    delta: float = option(0.0, "SimNPO's margin")
+    forget_coef: float = option(1.0, "weight of the forget term")
+    retain_coef: float = option(1.0, "weight of the retain term (RT or KL)")
+    kl_positions: str = option("answer", "KL term over 'answer' tokens, or 'all' positions of the padded batch (the authors' code)", choices=("answer", "all"))
+    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and norms, as HF's Trainer)")
     # evaluation
-    ds_size: int = 300  # TOFU evaluates the first 300 rows of each split
-    eval_batch_size: int = 128
-    max_new_tokens: int = 0  # 0: the longest ground-truth answer of the evaluated rows, in tokens
-    rouge: str = "builtin"
+    ds_size: int = option(300, "rows of each evaluation split (TOFU: 300)")
+    eval_batch_size: int = option(128, "sequences per evaluation batch")
+    max_new_tokens: int | None = option(None, "generation length for ROUGE (default: TOFU's bound, 200 tokens with the prompt; built-in GPT: the longest evaluated answer)")
     # system
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"  # float32 or bfloat16 (autocast)
-    compile: bool = False
-    logprob: str = "plain"  # plain (logits) or fused (chunked, never builds the logits tensor)
-    out_dir: str = "out/tofu"
-    run_name: str | None = None
-    preset: str = "default"
+    seed: int = option(0, "first unlearning seed, and the seed of base training and fine-tuning")
+    device: str = option("cpu", "cpu or cuda")
+    dtype: str = option("float32", "weights: float32, or bfloat16 (bf16 weights and optimizer state)", choices=("float32", "bfloat16"))
+    optimizer: str = option("adamw", "adamw, or adafactor (factored second moments: an 8B model fits 80 GB)", choices=("adamw", "adafactor"))
+    grad_checkpointing: bool = option(False, "recompute each block in backward (less activation memory)")
+    logprob: str = option("plain", "plain (logits) or fused (answer positions only, chunked; for large vocabularies)", choices=("plain", "fused"))
+    threads: int = option(1, "torch CPU threads per process (results are pinned to it)")
+    workers: int = option(2, "processes running jobs (seeds, methods, target/retain) side by side; 1 on CUDA")
+    out_dir: str = option("out/tofu", "output root")
+    run_name: str | None = option(None, "run directory name (default: from the data and split)")
+    dry_run: bool = option(False, "print the memory estimate for the chosen model and batch, then stop")
 
 
-# Presets set the size of a run; any option given on the command line overrides them.
-PRESETS = {
-    "default": {},
-    "quick": dict(n_authors=20, n_layer=1, base_epochs=25, finetune_epochs=12,
-                  finetune_lr=5e-3, unlearn_batch_size=8, unlearn_epochs=6),
-    # Real TOFU (picked when a data directory is given and no preset is): 4,000 QA pairs twice as
-    # long as the built-in ones, so fewer epochs to fit a CPU hour, and a larger BPE for the text.
-    "tofu": dict(vocab_size=4096, base_epochs=40, finetune_epochs=10, unlearn_epochs=5),
-    "toy": dict(n_authors=20, n_layer=1, n_head=2, n_embd=32, vocab_size=600, base_epochs=2,
-                finetune_epochs=1, unlearn_epochs=2, ds_size=16, max_new_tokens=8,
-                eval_batch_size=64),
-    "gpu": dict(device="cuda", dtype="bfloat16", compile=True, n_layer=12, n_head=12, n_embd=768,
-                vocab_size=8192, finetune_epochs=20, base_epochs=100, finetune_lr=3e-4,
-                base_lr=3e-4, unlearn_lr=5e-5, unlearn_epochs=10),
-}
-
-HELP = {
-    "data_dir": "directory with TOFU's .json files (default: $TOFU_DATA_DIR, else built-in data)",
-    "n_authors": "number of fictitious authors in the built-in data",
-    "data_seed": "seed of the built-in data generator",
-    "split": "forget split: forget01, forget05, forget10; forget20/30/50/90 where a forgetXX_perturbed "
-             "file exists (the built-in data has them, TOFU does not)",
-    "tokenizer": "bpe: a byte-level BPE trained on the data; gpt2: tiktoken's gpt2 (needs its files)",
-    "vocab_size": "BPE vocabulary size, <|endoftext|> included",
-    "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "model width",
-    "block_size": "longest sequence (tokens) the model accepts",
-    "base_epochs": "epochs of base-model training on real_authors + world_facts",
-    "base_lr": "peak learning rate of base-model training",
-    "finetune_epochs": "epochs of target/retain fine-tuning", "finetune_lr": "its peak learning rate",
-    "mix_base": "keep the base QA pairs in the fine-tuning data (see README)",
-    "batch_size": "batch size of base training and fine-tuning",
-    "methods": "comma-separated unlearning methods (see npo.METHODS)",
-    "unlearn_epochs": "epochs over the forget set", "unlearn_lr": "unlearning learning rate",
-    "unlearn_batch_size": "forget (and retain) examples per unlearning step",
-    "beta": "inverse temperature of NPO, DPO and SimNPO", "simnpo_delta": "SimNPO's reward margin",
-    "forget_coef": "weight of the forget term", "retain_coef": "weight of the retain term (RT / KL)",
-    "ds_size": "rows of each evaluation split (TOFU: 300)",
-    "eval_batch_size": "sequences per evaluation forward / generation batch",
-    "max_new_tokens": "generation length bound for ROUGE (0: the longest evaluated answer)",
-    "rouge": "builtin (no stemming) or rouge_score (TOFU's scorer with Porter stemming)",
-    "seed": "training seed", "device": "cpu or cuda", "dtype": "float32 or bfloat16 (autocast)",
-    "compile": "torch.compile the model for training", "logprob": "plain or fused log-prob path",
-    "out_dir": "output root", "run_name": "name of the results directory (default from data/split)",
-    "preset": "size preset: default (built-in data), tofu (real TOFU on a CPU; the default with "
-              "--data-dir), quick, toy (tests), gpu (TOFU scale on one GPU)",
-}
+# Options that only choose WHICH jobs run; every other option changes results, so a run directory
+# refuses a configuration that differs in any of them.
+SCOPE_OPTIONS = {"methods", "seeds", "workers", "out_dir", "run_name", "dry_run", "eval_batch_size"}
+BUILTIN = dict(finetune_epochs=30, finetune_lr=3e-3, lr=2e-3)  # the built-in GPT's recipe
+HF = dict(finetune_epochs=5, finetune_lr=1e-5, lr=1e-5)  # TOFU's and the NPO authors' recipe
 
 
 class ConfigError(ValueError):
     pass
 
 
-def parse_config(argv=None) -> TofuConfig:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Defaults shown are the default preset's; --preset tofu/quick/toy/gpu change some of "
-               "them (see PRESETS in train_tofu.py; tofu is the default with --data-dir), and an "
-               "option given here overrides its preset.")
-    defaults = TofuConfig()
-    for f in fields(TofuConfig):
-        default = getattr(defaults, f.name)
-        name = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=HELP[f.name] + f" (default: {default})")
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        name, kind = "--" + f.name.replace("_", "-"), typing.get_args(f.type)[0] if typing.get_args(f.type) else f.type
+        if kind is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            kind = {int: int, float: float}.get(type(default), str)
-            choices = list(PRESETS) if f.name == "preset" else None
-            parser.add_argument(name, type=kind, default=argparse.SUPPRESS, choices=choices,
-                                help=HELP[f.name] + ("" if default is None else f" (default: {default})"))
-    parser.add_argument("--quick", action="store_true", default=argparse.SUPPRESS,
-                        help="shorthand for --preset quick (a few minutes on a laptop CPU)")
-    args = vars(parser.parse_args(argv))
-    if args.pop("quick", False):
-        args.setdefault("preset", "quick")
-    real_data = args.get("data_dir") or os.environ.get("TOFU_DATA_DIR")
-    preset = args.setdefault("preset", "tofu" if real_data else "default")
-    cfg = TofuConfig(**{**PRESETS[preset], **args})
-    check_config(cfg)
+            parser.add_argument(name, type=kind, default=f.default, help=f.metadata["help"], choices=f.metadata.get("choices"))
+    cfg = Config(**vars(parser.parse_args(argv)))
+    cfg.data_dir = cfg.data_dir or os.environ.get("TOFU_DATA_DIR")
+    for key, value in (HF if cfg.model or cfg.base_model else BUILTIN).items():
+        setattr(cfg, key, value if getattr(cfg, key) is None else getattr(cfg, key))
+    if cfg.micro_batch_size is None:
+        cfg.micro_batch_size = 4 if cfg.device.startswith("cuda") else cfg.batch_size
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return cfg
 
 
-def check_config(cfg: TofuConfig) -> None:
-    for name in method_list(cfg):
-        try:
-            npo.get_method(name)
-        except ValueError as e:  # names the valid methods
-            raise ConfigError(f"--methods: {e}") from None
-    if not method_list(cfg):
-        raise ConfigError("--methods: no method given")
-    if not re.fullmatch(r"forget\d\d", cfg.split):
-        raise ConfigError(f"--split {cfg.split!r}: expected forgetXX, e.g. forget10")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"--dtype {cfg.dtype!r}: expected float32 or bfloat16")
-    if cfg.logprob not in ("plain", "fused"):
-        raise ConfigError(f"--logprob {cfg.logprob!r}: expected plain or fused")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available on this machine")
+def validate(cfg: Config) -> list[str]:
+    """Every problem of the configuration, before any work starts."""
+    problems = []
+
+    def need(ok, message):
+        if not ok:
+            problems.append(message)
+
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float):
+            need(math.isfinite(value), f"--{f.name.replace('_', '-')} {value}: must be a finite number")
+    for name in ("n_authors", "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "seeds", "epochs",
+                 "batch_size", "micro_batch_size", "ds_size", "eval_batch_size", "threads", "workers"):
+        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
+    need(cfg.max_new_tokens is None or cfg.max_new_tokens >= 1, f"--max-new-tokens {cfg.max_new_tokens}: must be >= 1")
+    for name in ("base_epochs", "finetune_epochs", "weight_decay", "forget_coef", "retain_coef", "delta"):
+        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0")
+    for name in ("beta", "lr", "base_lr", "finetune_lr"):
+        need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be > 0")
+    need(cfg.n_embd % cfg.n_head == 0, f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
+    need(cfg.vocab_size >= 257, f"--vocab-size {cfg.vocab_size}: must be >= 257 (256 bytes + end of text)")
+    need(cfg.batch_size % cfg.micro_batch_size == 0,
+         f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
+    need(re.fullmatch(r"forget(0[1-9]|[1-9]\d)", cfg.split), f"--split {cfg.split!r}: expected forgetXX, e.g. forget10")
+    for name in methods_of(cfg):
+        need(name in npo.METHODS, f"--methods: unknown method {name!r}; valid: {', '.join(npo.METHODS)}")
+    need(bool(methods_of(cfg)), "--methods: no method given")
+    need(cfg.prompt_format in (None, *data.PROMPT_FORMATS), f"--prompt-format {cfg.prompt_format!r}: expected one of {', '.join(data.PROMPT_FORMATS)}")
+    need(not (cfg.retain_model and cfg.retain_logs), "--retain-model and --retain-logs: give one, not both")
+    need(not (cfg.model and cfg.base_model), "--model and --base-model: give one, not both")
+    need(not (cfg.model and not (cfg.retain_model or cfg.retain_logs)) or cfg.dry_run,
+         "--model needs --retain-model or --retain-logs (Forget Quality compares with the retain model)")
+    need(cfg.device in ("cpu", "cuda") or cfg.device.startswith("cuda:"), f"--device {cfg.device!r}: expected cpu or cuda")
+    need(not cfg.device.startswith("cuda") or torch.cuda.is_available(), f"--device {cfg.device}: CUDA is not available here")
+    for name in ("data_dir", "model", "retain_model", "base_model", "retain_logs"):
+        path = getattr(cfg, name)
+        need(path is None or Path(path).is_dir(), f"--{name.replace('_', '-')} {path}: not a directory")
+    out = Path(cfg.out_dir)
+    existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    need(existing.is_dir() and os.access(existing, os.W_OK), f"--out-dir {cfg.out_dir}: {existing} is not a writable directory")
+    need((cfg.model or cfg.base_model) is None or cfg.data_dir is not None, "a Hugging Face model needs TOFU's files: --data-dir")
+    return problems
 
 
-def method_list(cfg: TofuConfig) -> list[str]:
+def methods_of(cfg: Config) -> list[str]:
     return [m.strip() for m in cfg.methods.split(",") if m.strip()]
 
 
 # ----------------------------------------------------------------------------- small utilities
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def fmt_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 60}:{seconds % 60:02d}"
+def write_json(path: Path, obj) -> None:
+    data.write_atomic(path, json.dumps(obj, indent=1, allow_nan=True))
 
 
-def config_key(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+def read_json(path: Path):
+    """A stored record, or None (with a warning) when it is missing or unreadable: rebuild it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log(f"warning: {path} is unreadable ({type(e).__name__}); rebuilding it")
+        return None
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def lr_at(step: int, steps_per_epoch: int, total_steps: int, peak: float) -> float:
+    """HF's linear schedule as the authors use it: warmup over one epoch of steps, then linear
+    decay to 0 at the last step (HF's first step runs at lr 0)."""
+    if step < steps_per_epoch:
+        return peak * step / steps_per_epoch
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - steps_per_epoch))
 
 
-def autocast(cfg: TofuConfig):
-    if cfg.dtype == "bfloat16":
-        return torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)
-    return nullcontext()
+def make_optimizer(model, lr: float, cfg: Config):
+    """AdamW (or Adafactor) with weight decay on matrices only, as HF's Trainer."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)  # fused: one kernel, no temporaries
 
 
-def sequence_logprob(model, input_ids, labels, cfg: TofuConfig):
-    """Per-sequence summed answer log-prob and answer-token count, by the chosen path."""
-    with autocast(cfg):
-        if cfg.logprob == "fused":
-            hidden = model(input_ids, return_hidden=True)  # (B, T, C), no logits
-            return npo.fused_sequence_logprob(hidden, model.lm_head.weight, labels)
-        return npo.sequence_logprob(model(input_ids), labels)
+class Run:
+    """Where everything of one configuration lives, and what it loads."""
 
-
-# ----------------------------------------------------------------------------- stages 1-2: data
-
-class Stages:
-    """Paths and keys of the cached stages. A stage is done when its done.json exists."""
-
-    def __init__(self, cfg: TofuConfig):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.root = Path(cfg.out_dir)
-        self.cache = self.root / "cache"
-        data_dir = data.resolve_data_dir(cfg.data_dir) if (cfg.data_dir or os.environ.get("TOFU_DATA_DIR")) else None
-        self.real_data = data_dir is not None
-        self.data_key = ({"source": "tofu", "dir": str(data_dir.resolve())} if data_dir else
-                         {"source": "generated", "n_authors": cfg.n_authors, "seed": cfg.data_seed})
-        self.data_dir = data_dir or self.cache / f"data-{config_key(self.data_key)}"
-        self.tok_key = {**self.data_key, "tokenizer": cfg.tokenizer, "vocab_size": cfg.vocab_size}
-        self.model_key = {**self.tok_key, **{k: getattr(cfg, k) for k in
-                                             ("n_layer", "n_head", "n_embd", "block_size")}}
-        self.base_key = {**self.model_key, "stage": "base", "seed": cfg.seed,
-                         **{k: getattr(cfg, k) for k in ("base_epochs", "base_lr", "batch_size")}}
-        ft = {k: getattr(cfg, k) for k in ("finetune_epochs", "finetune_lr", "mix_base", "batch_size")}
-        self.target_key = {**self.base_key, "stage": "target", "train_split": "full", **ft}
+        name = cfg.run_name or f"{Path(cfg.model or cfg.base_model or 'builtin').name}-{'tofu' if cfg.data_dir else 'generated'}-{cfg.split}"
+        self.dir = Path(cfg.out_dir) / name
+        self.data_dir = Path(cfg.data_dir) if cfg.data_dir else self.dir / "data"
         self.retain_split = data.retain_split_for(cfg.split)
-        self.retain_key = {**self.base_key, "stage": "retain", "train_split": self.retain_split, **ft}
-        self.refresh_keys()
-        default_name = f"{'tofu' if self.real_data else 'generated'}-{cfg.split}"
-        if cfg.preset not in ("default", "tofu"):
-            default_name += f"-{cfg.preset}"
-        self.run_dir = self.root / (cfg.run_name or default_name)
 
-    def refresh_keys(self) -> None:
-        """Keys of the evaluation and unlearning stages (they depend on max_new_tokens, which is
-        resolved once the tokenizer exists)."""
+    def claim(self) -> None:
+        """A run directory belongs to one configuration: refuse another, naming what differs."""
+        mine = {k: v for k, v in asdict(self.cfg).items() if k not in SCOPE_OPTIONS}
+        stored = read_json(self.dir / "config.json")
+        if stored is not None:
+            stored = {k: v for k, v in stored.items() if k not in SCOPE_OPTIONS and k != "torch"}
+            differ = sorted(k for k in mine.keys() | stored.keys() if mine.get(k) != stored.get(k))
+            if differ:
+                names = ", ".join("--" + k.replace("_", "-") for k in differ)
+                raise ConfigError(f"{self.dir} holds a run with other options ({names}); choose another --run-name or --out-dir")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / "config.json", {**asdict(self.cfg), "torch": torch.__version__})
+
+    def load(self, model_dir, device=None, dtype=None):
         cfg = self.cfg
-        self.eval_key = {k: getattr(cfg, k) for k in ("split", "ds_size", "max_new_tokens", "rouge")}
-        self.unlearn_key = {"target": config_key(self.target_key),
-                            "retain": config_key(self.retain_key), **self.eval_key,
-                            **{k: getattr(cfg, k) for k in (
-                                "unlearn_epochs", "unlearn_lr", "unlearn_batch_size", "beta",
-                                "simnpo_delta", "forget_coef", "retain_coef", "seed", "logprob")}}
+        dtype = dtype or getattr(torch, cfg.dtype)
+        net = models.from_pretrained(model_dir, dtype=dtype, device=device or cfg.device)
+        net.gradient_checkpointing = cfg.grad_checkpointing
+        return net
 
-    def stage_dir(self, name: str, key: dict) -> Path:
-        return self.cache / f"{name}-{config_key(key)}"
+    def tokenizer(self, model_dir):
+        tok = data.load_tokenizer(model_dir)
+        return tok, data.PROMPT_FORMATS[self.cfg.prompt_format or data.default_prompt_format(model_dir, tok)]
 
 
-def prepare_data(st: Stages) -> Path:
-    if st.real_data:
-        log(f"stage data: real TOFU files in {st.data_dir}")
-        return st.data_dir
-    done = st.data_dir / "done.json"
-    if done.exists():
-        log(f"stage data: cached ({st.data_dir})")
+# ----------------------------------------------------------------------------- the training loop
+
+def train(net, loss_fn, n_examples: int, *, epochs: int, lr: float, cfg: Config, seed: int, tag: str,
+          start_epoch=0, optimizer=None, on_epoch_end=None) -> str:
+    """Minimise loss_fn(example indices) -> (loss, stats) over n_examples for `epochs` epochs.
+
+    Each epoch is one permutation (drawn from a generator seeded once, so epoch k's order is the
+    same whether or not the run resumed), cut into batches of cfg.batch_size, each the mean of its
+    micro-batches' losses (as HF's gradient accumulation). Gradients are clipped at norm 1 (HF's
+    default). Returns "ok", or "diverged (...)" when a loss or a weight becomes non-finite.
+    """
+    optimizer = optimizer or make_optimizer(net, lr, cfg)
+    generator = torch.Generator().manual_seed(seed)
+    orders = [torch.randperm(n_examples, generator=generator).tolist() for _ in range(epochs)]
+    steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
+    total_steps, t0 = epochs * steps_per_epoch, time.time()
+    for epoch in range(start_epoch, epochs):
+        net.train()
+        sums, n_micro = {}, 0
+        for step in range(steps_per_epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * steps_per_epoch + step, steps_per_epoch, total_steps, lr)
+            batch = orders[epoch][step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            micro_batches = [batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)]
+            optimizer.zero_grad(set_to_none=True)
+            for idx in micro_batches:
+                with autocast(cfg):
+                    loss, stats = loss_fn(idx)
+                if not math.isfinite(stats["loss"]):
+                    return f"diverged (non-finite loss at epoch {epoch + 1}, step {step + 1})"
+                (loss / len(micro_batches)).backward()
+                sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
+                n_micro += 1
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            optimizer.step()
+        if not all(torch.isfinite(p).all() for p in net.parameters()):
+            return f"diverged (non-finite weights in epoch {epoch + 1})"
+        means = {k: v / n_micro for k, v in sums.items()}
+        eta = (time.time() - t0) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
+        log(f"[{tag}] epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
+            + f" | {time.time() - t0:.0f}s, eta {eta:.0f}s")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, means, optimizer)
+    return "ok"
+
+
+def autocast(cfg: Config):
+    # fp32 weights on CUDA train under bf16 autocast (fp32 master weights); bf16 weights need none
+    enabled = cfg.device.startswith("cuda") and cfg.dtype == "float32"
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+
+
+class Pairs:
+    """Encoded (question, answer) pairs, batched on demand."""
+
+    def __init__(self, tok, fmt, rows, cfg: Config, limit: int | None, where: str):
+        self.pairs = [data.encode_qa(tok, fmt, r["question"], r["answer"]) for r in rows]
+        self.pad_id, self.device = tok.pad_id, cfg.device
+        longest = max((len(ids) for ids, _ in self.pairs), default=0)
+        if limit is not None and longest > limit:
+            raise ConfigError(f"{where}: a question-answer pair has {longest} tokens, more than the model's {limit} positions")
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def batch(self, idx):
+        return tuple(t.to(self.device) for t in data.collate([self.pairs[i] for i in idx], self.pad_id))
+
+    def scores(self, net, idx, cfg: Config, ref=None) -> npo.Scores:
+        logp, n = models.answer_logprob(net, *self.batch(idx), fused=cfg.logprob == "fused")
+        return npo.Scores(logp, n, None if ref is None else ref[idx].to(logp.device))
+
+    @torch.no_grad()
+    def reference(self, net, cfg: Config) -> torch.Tensor:
+        net.eval()
+        batches = [self.batch(range(s, min(s + cfg.eval_batch_size, len(self)))) for s in range(0, len(self), cfg.eval_batch_size)]
+        with autocast(cfg):
+            return npo.precompute_ref_logprobs(lambda ids, lab: models.answer_logprob(net, ids, lab, cfg.logprob == "fused"), batches).cpu()
+
+
+# ----------------------------------------------------------------------------- stages
+
+def finished(path: Path, load=lambda path: None) -> bool:
+    """Whether path holds a finished stage whose output loads; a broken one is rebuilt, with a
+    warning, never trusted and never a crash."""
+    if read_json(path / "done.json") is None:
+        return False
+    try:
+        load(path)
+        return True
+    except (ValueError, OSError, RuntimeError, KeyError, TypeError) as e:
+        log(f"warning: {path} cannot be loaded ({type(e).__name__}: {str(e)[:100]}); rebuilding it")
+        (path / "done.json").unlink()
+        return False
+
+
+def load_model_dir(path: Path) -> None:
+    models.from_pretrained(path)
+    data.load_tokenizer(path)
+
+
+def finish_stage(path: Path, net, tok, info: dict) -> None:
+    models.save_pretrained(net, path)
+    tok.save(path)
+    write_json(path / "done.json", info)
+
+
+def prepare_data(run: Run):
+    """The data (generated for the built-in run), the tokenizer, and a check that every pair fits
+    the model, before any training: (tokenizer, prompt format)."""
+    cfg = run.cfg
+    if not cfg.data_dir and not finished(run.data_dir, lambda path: [data.load_split(path, s) for s in data_splits(run)]):
+        write_tofu_style_dataset(run.data_dir, n_authors=cfg.n_authors, seed=cfg.data_seed)
+        write_json(run.data_dir / "done.json", {"n_authors": cfg.n_authors, "seed": cfg.data_seed})
+    model_dir = cfg.model or cfg.base_model
+    if model_dir:
+        tok, fmt = run.tokenizer(model_dir)
+        limit = models.load_config(model_dir).block_size
     else:
+        tokenizer_dir = run.dir / "tokenizer"
+        if not finished(tokenizer_dir, data.load_tokenizer):
+            tok = data.bpe_tokenizer(data.train_bpe(data.corpus_texts(run.data_dir), cfg.vocab_size))
+            tok.save(tokenizer_dir)
+            write_json(tokenizer_dir / "done.json", {"vocab_size": tok.n_vocab})
+        tok, fmt, limit = data.load_tokenizer(tokenizer_dir), data.PROMPT_FORMATS["qa"], cfg.block_size
+    for split in data_splits(run):
+        Pairs(tok, fmt, data.load_split(run.data_dir, split), cfg, limit, f"{run.data_dir}/{split}.json")
+    if cfg.max_new_tokens is None and not model_dir:
+        # a faithful answer ends by then, and a degenerate one need not run to TOFU's bound
+        splits = tofu_eval.eval_splits(tofu_eval.default_eval_forget_split(run.data_dir, cfg.split))
+        cfg.max_new_tokens = 1 + max(len(tok.encode(" " + row["answer"])) for split in splits
+                                     for row in data.load_split(run.data_dir, split.data_split)[:cfg.ds_size])
+    return tok, fmt
+
+
+def data_splits(run: Run) -> list[str]:
+    splits = tofu_eval.eval_splits(tofu_eval.default_eval_forget_split(run.data_dir, run.cfg.split))
+    return ["full", run.retain_split, run.cfg.split, "real_authors", "world_facts"] + [s.data_split for s in splits]
+
+
+def build_target_and_retain(run: Run, tok, workers: int) -> None:
+    """The built-in GPT trained from scratch (or --base-model), fine-tuned on full (the target) and
+    on retainYY (the retain model)."""
+    cfg = run.cfg
+    base = Path(cfg.base_model) if cfg.base_model else run.dir / "base"
+    if not cfg.base_model and not finished(base, load_model_dir):
         t0 = time.time()
-        data.write_tofu_style_dataset(st.data_dir, n_authors=st.cfg.n_authors, seed=st.cfg.data_seed)
-        tofu_eval.write_json_atomic(done, st.data_key)
-        log(f"stage data: generated {st.cfg.n_authors} authors in {time.time() - t0:.1f}s -> {st.data_dir}")
-    return st.data_dir
-
-
-def prepare_tokenizer(st: Stages):
-    if st.cfg.tokenizer == "gpt2":
-        return data.gpt2_encoding()
-    out = st.stage_dir("tokenizer", st.tok_key)
-    path = out / "bpe.tiktoken"
-    if path.exists():
-        log(f"stage tokenizer: cached ({path})")
-        return data.build_encoding(data.load_ranks(path))
-    t0 = time.time()
-    ranks = data.train_bpe(data.corpus_texts(st.data_dir), st.cfg.vocab_size)
-    out.mkdir(parents=True, exist_ok=True)
-    data.save_ranks(ranks, path)  # atomic: its existence marks the stage done
-    log(f"stage tokenizer: trained {len(ranks) + 1} tokens in {time.time() - t0:.1f}s -> {path}")
-    return data.build_encoding(ranks)
-
-
-def longest_eval_answer(enc, st: Stages) -> int:
-    """Tokens of the longest ground-truth answer among the evaluated rows (+1 for EOS): a greedy
-    answer longer than that cannot raise ROUGE-L recall of a faithful model."""
-    longest = 0
-    for spec in tofu_eval.split_specs(st.cfg.split):
-        for row in data.load_split(st.data_dir, spec.data_split)[:st.cfg.ds_size]:
-            longest = max(longest, len(enc.encode_ordinary(" " + row["answer"])) + 1)
-    return longest
-
-
-def encode_rows(enc, rows, block_size: int, where: str) -> list:
-    pairs = [data.encode_qa(enc, r["question"], r["answer"]) for r in rows]
-    longest = max((len(ids) for ids, _ in pairs), default=0)
-    if longest > block_size:
-        raise ConfigError(f"{where}: a QA pair has {longest} tokens, more than --block-size {block_size}")
-    return pairs
-
-
-# ----------------------------------------------------------------------------- stages 3-4: models
-
-def train_answer_nll(model, pairs, *, epochs: int, lr: float, batch_size: int, seed: int,
-                     cfg: TofuConfig, tag: str) -> list[float]:
-    """Minimise the answer NLL on `pairs` with AdamW, linear warmup then cosine decay.
-    Returns the mean training loss of each epoch."""
-    device = cfg.device
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    total = epochs * len(data.bucketed_batch_indices([0] * len(pairs), batch_size, 0))
-    warmup = max(1, total // 20)
-    fwd = torch.compile(model) if cfg.compile else model
-    lengths = [len(ids) for ids, _ in pairs]
-    model.train()
-    epoch_losses, step, t0 = [], 0, time.time()
-    for epoch in range(epochs):
-        tokens = loss_sum = 0.0
-        # batches of similar lengths: TOFU's QA pairs run from 30 to 200 tokens, and padding is waste
-        for idx in data.bucketed_batch_indices(lengths, batch_size, seed, epoch):
-            # lr: linear warmup, then cosine decay to 10% of the peak
-            frac = step / warmup if step < warmup else (step - warmup) / max(1, total - warmup)
-            step_lr = lr * frac if step < warmup else lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-            for g in opt.param_groups:
-                g["lr"] = step_lr
-            ids, labels = (t.to(device) for t in data.collate([pairs[i] for i in idx], 0))
-            logp, n = sequence_logprob(fwd, ids, labels, cfg)
-            loss = npo.retain_nll(logp, n)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            tokens += float(n.sum())
-            loss_sum += loss.item() * float(n.sum())
-        epoch_losses.append(loss_sum / max(tokens, 1))
-        elapsed = time.time() - t0
-        log(f"[{tag}] epoch {epoch + 1}/{epochs} step {step}/{total} answer loss "
-            f"{epoch_losses[-1]:.4f} lr {step_lr:.2e} eta {fmt_eta(elapsed / step * (total - step))}")
-    model.eval()
-    return epoch_losses
-
-
-@torch.no_grad()
-def mean_answer_loss(model, pairs, cfg: TofuConfig) -> float:
-    """Mean answer-token NLL over `pairs` (eval mode): how well a model has memorised them."""
-    model.eval()
-    total = count = 0.0
-    for idx in data.batch_indices(len(pairs), cfg.eval_batch_size, 0, shuffle=False):
-        ids, labels = (t.to(cfg.device) for t in data.collate([pairs[i] for i in idx], 0))
-        logp, n = sequence_logprob(model, ids, labels, cfg)
-        total -= float(logp.sum())
-        count += float(n.sum())
-    return total / max(count, 1)
+        torch.manual_seed(cfg.seed)
+        net = models.GPT(models.GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                                          n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device)
+        pairs = Pairs(tok, data.PROMPT_FORMATS["qa"], base_rows(run.data_dir), cfg, None, "")
+        log(f"stage base: {net.num_params() / 1e6:.2f}M-parameter GPT from scratch on {len(pairs)} pairs")
+        status = train(net, lambda idx: nll_loss(net, pairs, idx, cfg), len(pairs), epochs=cfg.base_epochs,
+                       lr=cfg.base_lr, cfg=cfg, seed=cfg.seed, tag="base")
+        finish_stage(base, net, tok, {"status": status, "seconds": time.time() - t0})
+    jobs = [(which, split) for which, split in (("target", "full"), ("retain", run.retain_split))
+            if not (which == "retain" and (cfg.retain_model or cfg.retain_logs)) and not finished(run.dir / which, load_model_dir)]
+    parallel(finetune_job, [(cfg, str(base), which, split) for which, split in jobs], workers)
 
 
 def base_rows(data_dir) -> list[dict]:
@@ -374,480 +414,225 @@ def base_rows(data_dir) -> list[dict]:
     return data.load_split(data_dir, "real_authors") + data.load_split(data_dir, "world_facts")
 
 
-def base_pairs(enc, data_dir, block_size):
-    return encode_rows(enc, base_rows(data_dir), block_size, "real_authors/world_facts")
+def nll_loss(net, pairs: Pairs, idx, cfg: Config):
+    loss = npo.retain_nll(*pairs.scores(net, idx, cfg)[:2])
+    return loss, {"loss": loss.item()}
 
 
-def prepare_base(st: Stages, enc) -> Path:
-    cfg, out = st.cfg, st.stage_dir("base", st.base_key)
-    path = out / "model.pt"
-    if (out / "done.json").exists():
-        log(f"stage base: cached ({path})")
-        return path
-    torch.manual_seed(cfg.seed)
-    mcfg = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_embd=cfg.n_embd)
-    model = GPT(mcfg).to(cfg.device)
-    pairs = base_pairs(enc, st.data_dir, cfg.block_size)
-    log(f"stage base: {model.num_params() / 1e6:.2f}M-parameter GPT from scratch on "
-        f"{len(pairs)} real_authors + world_facts pairs, {cfg.base_epochs} epochs")
+def finetune_job(cfg: Config, base_dir: str, which: str, split: str) -> None:
+    setup_process(cfg)
+    run = Run(cfg)
     t0 = time.time()
-    losses = train_answer_nll(model, pairs, epochs=cfg.base_epochs, lr=cfg.base_lr,
-                              batch_size=cfg.batch_size, seed=cfg.seed, cfg=cfg, tag="base")
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, model, data.tokenizer_spec(enc), asdict(cfg), step=0,
-                    extra={"stage": "base", "train_losses": losses})
-    tofu_eval.write_json_atomic(out / "done.json", {"key": st.base_key, "seconds": time.time() - t0,
-                                          "final_train_loss": losses[-1]})
-    return path
+    net = run.load(base_dir)
+    tok, fmt = run.tokenizer(base_dir)
+    rows = data.load_split(run.data_dir, split)
+    if not cfg.base_model and cfg.mix_base:  # a tiny model otherwise overwrites what it knew
+        rows = rows + base_rows(run.data_dir)
+    pairs = Pairs(tok, fmt, rows, cfg, None, split)  # lengths checked in prepare_data
+    log(f"stage {which}: fine-tune {base_dir} on {split} ({len(pairs)} pairs), {cfg.finetune_epochs} epochs")
+    status = train(net, lambda idx: nll_loss(net, pairs, idx, cfg), len(pairs), epochs=cfg.finetune_epochs,
+                   lr=cfg.finetune_lr, cfg=cfg, seed=cfg.seed + 1, tag=which)
+    finish_stage(run.dir / which, net, tok, {"status": status, "split": split, "seconds": time.time() - t0})
 
 
-def prepare_finetuned(st: Stages, enc, base_path: Path, which: str) -> Path:
-    """which = "target" (fine-tuned on full) or "retain" (on retainYY): the same recipe."""
-    cfg = st.cfg
-    key = st.target_key if which == "target" else st.retain_key
-    out = st.stage_dir(which, key)
-    path = out / "model.pt"
-    if (out / "done.json").exists():
-        info = json.loads((out / "done.json").read_text())
-        log(f"stage {which}: cached ({path}); answer loss on {info['train_split']} {info['answer_loss']:.4f}")
-        return path
-    split = key["train_split"]
-    pairs = encode_rows(enc, data.load_split(st.data_dir, split), cfg.block_size, split)
-    train_pairs = pairs + (base_pairs(enc, st.data_dir, cfg.block_size) if cfg.mix_base else [])
-    model, _ = load_checkpoint(base_path, map_location=cfg.device)
-    log(f"stage {which}: fine-tune the base model on {split} ({len(pairs)} pairs"
-        f"{' + base pairs' if cfg.mix_base else ''}), {cfg.finetune_epochs} epochs")
-    t0 = time.time()
-    losses = train_answer_nll(model, train_pairs, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
-                              batch_size=cfg.batch_size, seed=cfg.seed + 1, cfg=cfg, tag=which)
-    answer_loss = mean_answer_loss(model, pairs, cfg)
-    log(f"stage {which}: mean answer loss on {split} (eval mode) {answer_loss:.4f}")
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, model, data.tokenizer_spec(enc), asdict(cfg), step=0,
-                    extra={"stage": which, "train_losses": losses})
-    tofu_eval.write_json_atomic(out / "done.json", {"key": key, "train_split": split, "answer_loss": answer_loss,
-                                          "seconds": time.time() - t0})
-    return path
-
-
-def evaluate(model, enc, st: Stages, ref_model=None) -> dict:
-    cfg = st.cfg
+def evaluate(run: Run, net, tok, fmt, ref=None) -> dict:
+    cfg = run.cfg
     with autocast(cfg):
-        return tofu_eval.evaluate_model(model, enc, st.data_dir, cfg.split, ds_size=cfg.ds_size,
-                                        batch_size=cfg.eval_batch_size,
-                                        max_new_tokens=cfg.max_new_tokens, device=cfg.device,
-                                        rouge=cfg.rouge, ref_model=ref_model)
+        return tofu_eval.evaluate_model(net, tok, fmt, run.data_dir, cfg.split, ds_size=cfg.ds_size,
+                                        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                                        fused=cfg.logprob == "fused", ref_model=ref)
 
 
-def cached_eval(st: Stages, enc, which: str, model_path: Path, model=None, ref_model=None) -> dict:
-    """TOFU logs of the target or retain model, cached next to its checkpoint."""
-    out = model_path.parent / f"eval-{config_key(st.eval_key)}"
-    if (out / "done.json").exists():
-        return tofu_eval.read_logs(out)
-    if model is None:
-        model, _ = load_checkpoint(model_path, map_location=st.cfg.device)
+def eval_job(cfg: Config, model_dir: str, which: str) -> None:
+    """TOFU logs of the target or retain model, kept in the run directory."""
+    setup_process(cfg)
+    run = Run(cfg)
+    net = run.load(model_dir)
+    tok, fmt = run.tokenizer(model_dir)
     t0 = time.time()
-    logs = evaluate(model, enc, st, ref_model=ref_model)
-    out.mkdir(parents=True, exist_ok=True)
-    tofu_eval.write_logs(out, logs)
-    tofu_eval.write_json_atomic(out / "done.json", {"key": st.eval_key, "seconds": time.time() - t0})
+    logs = evaluate(run, net, tok, fmt)
+    tofu_eval.write_logs(run.dir / "eval" / which, logs)
+    write_json(run.dir / "eval" / which / "done.json", {"model": model_dir, "seconds": time.time() - t0})
     log(f"stage eval {which}: {time.time() - t0:.1f}s")
-    return logs
 
 
-# ----------------------------------------------------------------------------- stage 5: unlearning
+# ----------------------------------------------------------------------------- unlearning
 
-class UnlearningData:
-    """Encoded forget, retain and IDK pairs, and the reference log-probs cached once."""
+def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
+    """One method, one seed: cfg.epochs epochs from the target, TOFU metrics after each. Each epoch
+    writes its logs, then its record, then the state that claims it, so a kill at any instant
+    resumes (from the state) to the same records."""
+    setup_process(cfg)
+    run = Run(cfg)
+    out = run.dir / "unlearn" / name / f"seed{seed}"
+    if finished(out, check_job_records):
+        return
+    method = npo.get_method(name)
+    method = npo.Method(method.forget, method.retain, cfg.forget_coef, cfg.retain_coef)
+    net = run.load(target_dir)
+    tok, fmt = run.tokenizer(target_dir)
+    # pi_ref as a model only where a term needs it on changing batches (KL); frozen, in cfg.dtype
+    ref_model = run.load(target_dir).eval().requires_grad_(False) if method.needs_ref_model else None
+    retain_logs = tofu_eval.read_logs(Path(cfg.retain_logs) if cfg.retain_logs else run.dir / "eval" / "retain",
+                                      (tofu_eval.FORGET_STEM,))
+    forget_rows = data.load_split(run.data_dir, cfg.split)
+    retain_rows = data.load_split(run.data_dir, run.retain_split)
+    idk_answers = data.load_idk(run.data_dir)
+    forget = Pairs(tok, fmt, forget_rows, cfg, None, cfg.split)
+    retain = Pairs(tok, fmt, [retain_rows[(i + first_draw(i, len(retain_rows))) % len(retain_rows)]
+                              for i in range(len(forget_rows))], cfg, None, run.retain_split)
+    idk = Pairs(tok, fmt, [{"question": r["question"], "answer": idk_answers[first_draw(i, len(idk_answers))]}
+                           for i, r in enumerate(forget_rows)], cfg, None, "idontknow")
+    # pi_ref on the forget and IDK answers, cached once: net is still the target here (resume() below
+    # loads a saved state into it afterwards)
+    forget_ref, idk_ref = forget.reference(net, cfg), idk.reference(net, cfg) if method.needs_idk else None
+    retain_scores = {  # the retain term's per-sequence inputs
+        "nll": lambda idx: retain.scores(net, idx, cfg),
+        "kl": lambda idx: npo.Scores(*models.answer_kl(net, ref_model, *retain.batch(idx), all_positions=cfg.kl_positions == "all")),
+    }
 
-    def __init__(self, st: Stages, enc, target):
-        cfg = st.cfg
-        forget_rows = data.load_split(st.data_dir, cfg.split)
-        retain_rows = data.load_split(st.data_dir, st.retain_split)
-        idk = data.load_idk(st.data_dir)
-        self.forget = encode_rows(enc, forget_rows, cfg.block_size, cfg.split)
-        self.retain = encode_rows(enc, retain_rows, cfg.block_size, st.retain_split)
-        # each forget question gets one refusal, drawn once from a seeded generator (as TOFU)
-        g = torch.Generator().manual_seed(cfg.seed)
-        picks = torch.randint(len(idk), (len(forget_rows),), generator=g).tolist()
-        idk_rows = [{"question": r["question"], "answer": idk[j]} for r, j in zip(forget_rows, picks)]
-        self.idk = encode_rows(enc, idk_rows, cfg.block_size, "idontknow")
-        # pi_ref log-probs never change during unlearning: compute them once, here
-        t0 = time.time()
-        self.forget_ref = self._ref_logprobs(target, self.forget, cfg)
-        self.idk_ref = self._ref_logprobs(target, self.idk, cfg)
-        log(f"stage unlearning data: {len(self.forget)} forget, {len(self.retain)} retain pairs; "
-            f"reference log-probs cached in {time.time() - t0:.1f}s")
+    def loss_fn(idx):
+        return npo.unlearning_loss(
+            method,
+            forget=forget.scores(net, idx, cfg, forget_ref) if method.needs_forget else None,
+            retain=retain_scores[method.retain](idx) if method.retain else None,
+            idk=idk.scores(net, idx, cfg, idk_ref) if method.needs_idk else None,
+            beta=cfg.beta, delta=cfg.delta)
 
-    @staticmethod
-    def _ref_logprobs(target, pairs, cfg):
-        batches = [tuple(t.to(cfg.device) for t in data.collate([pairs[i] for i in idx], 0))
-                   for idx in data.batch_indices(len(pairs), cfg.eval_batch_size, 0, shuffle=False)]
-        with autocast(cfg):
-            return npo.precompute_ref_logprobs(target, batches)
+    optimizer = make_optimizer(net, cfg.lr, cfg)
+    start_epoch, seconds = resume(out, net, optimizer)
+    t0 = time.time() - seconds
 
-    def batch(self, pairs, idx, device):
-        return tuple(t.to(device) for t in data.collate([pairs[i] for i in idx], 0))
-
-
-def unlearning_loss(method, model, ref_model, ud: UnlearningData, f_idx, r_idx, cfg: TofuConfig):
-    """The method's loss on one step (npo.Method): forget_coef * forget term + retain_coef * retain term.
-    Returns (loss, forget term, retain term) as tensors."""
-    dev = cfg.device
-    ids_f, lab_f = ud.batch(ud.forget, f_idx, dev)
-    ref_f = ud.forget_ref[f_idx].to(dev)
-    kind = method.forget
-    if kind == "ga":
-        logp, n = sequence_logprob(model, ids_f, lab_f, cfg)
-        forget = npo.ga_loss(logp, n)
-    elif kind == "npo":
-        logp, _ = sequence_logprob(model, ids_f, lab_f, cfg)
-        forget = npo.npo_loss(logp, ref_f, cfg.beta)
-    elif kind == "simnpo":
-        logp, n = sequence_logprob(model, ids_f, lab_f, cfg)
-        forget = npo.simnpo_loss(logp, n, cfg.beta, cfg.simnpo_delta)
-    elif kind == "idk":
-        logp_idk, n_idk = sequence_logprob(model, *ud.batch(ud.idk, f_idx, dev), cfg)
-        forget = npo.idk_loss(logp_idk, n_idk)
-    elif kind == "dpo":
-        logp_idk, _ = sequence_logprob(model, *ud.batch(ud.idk, f_idx, dev), cfg)
-        logp, _ = sequence_logprob(model, ids_f, lab_f, cfg)
-        forget = npo.dpo_loss(logp_idk, ud.idk_ref[f_idx].to(dev), logp, ref_f, cfg.beta)
-    else:
-        raise ConfigError(f"unknown forget term {kind!r}")
-    retain = torch.zeros((), device=dev)
-    if method.retain == "nll":
-        logp_r, n_r = sequence_logprob(model, *ud.batch(ud.retain, r_idx, dev), cfg)
-        retain = npo.retain_nll(logp_r, n_r)
-    elif method.retain == "kl":
-        ids_r, lab_r = ud.batch(ud.retain, r_idx, dev)
-        with autocast(cfg):
-            logits = model(ids_r)
-            with torch.no_grad():
-                ref_logits = ref_model(ids_r)
-        retain = npo.kl_retain(logits, ref_logits, lab_r)
-    loss = method.forget_coef * forget + method.retain_coef * retain
-    return loss, forget.detach(), retain.detach()
-
-
-def method_dir(st: Stages, name: str) -> Path:
-    """A method's results, keyed by everything they depend on: a changed option starts afresh."""
-    return st.run_dir / "methods" / f"{name}-{config_key({**st.unlearn_key, 'method': name})}"
-
-
-def run_method(name: str, st: Stages, enc, target_path: Path, target, ud: UnlearningData | None,
-               retain_logs: dict) -> list[dict]:
-    """Unlearn with one method for cfg.unlearn_epochs epochs; evaluate and checkpoint after each.
-    Returns one metrics record per epoch. Resumes from the last finished epoch."""
-    cfg = st.cfg
-    method = dataclasses.replace(npo.get_method(name), forget_coef=cfg.forget_coef, retain_coef=cfg.retain_coef)
-    out = method_dir(st, name)
-    out.mkdir(parents=True, exist_ok=True)
-    records = [json.loads(p.read_text()) for p in sorted(out.glob("epoch_*.json"))]
-    if (out / "done.json").exists():
-        log(f"[{name}] cached: {len(records)} epochs ({out})")
-        return records
-
-    model, _ = load_checkpoint(target_path, map_location=cfg.device)
-    # beta2 = 0.999 (HF's default, as in TOFU's and NPO's code): a short second-moment memory
-    # would rescale NPO's fading gradients back up and undo what its weights W_i do.
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.unlearn_lr, betas=(0.9, 0.999), weight_decay=0.01)
-    start_epoch, seconds = 0, 0.0
-    if records and (out / "state.pt").exists():
-        state = torch.load(out / "state.pt", map_location=cfg.device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, seconds = state["epoch"], state["seconds"]
-        records = records[:start_epoch]
-        log(f"[{name}] resuming after epoch {start_epoch}")
-    ref_model = target if method.needs_ref_model else None  # only the KL term needs pi_ref per step
-    fwd = torch.compile(model) if cfg.compile else model
-    n_f = len(ud.forget)
-    steps_per_epoch = math.ceil(n_f / cfg.unlearn_batch_size)
-    status = "ok"
-    for epoch in range(start_epoch, cfg.unlearn_epochs):
-        t0 = time.time()
-        model.train()
-        f_batches = data.batch_indices(n_f, cfg.unlearn_batch_size, cfg.seed, epoch)
-        r_batches = data.batch_indices(len(ud.retain), cfg.unlearn_batch_size, cfg.seed + 1, epoch)
-        sums = {"loss": 0.0, "forget": 0.0, "retain": 0.0}
-        for step, f_idx in enumerate(f_batches):
-            # lr: linear warmup over the first epoch, then constant
-            global_step = epoch * steps_per_epoch + step
-            for g in opt.param_groups:
-                g["lr"] = cfg.unlearn_lr * min(1.0, (global_step + 1) / steps_per_epoch)
-            r_idx = r_batches[step % len(r_batches)]
-            loss, forget, retain = unlearning_loss(method, fwd, ref_model, ud, f_idx, r_idx, cfg)
-            if not torch.isfinite(loss):
-                status = f"diverged (non-finite loss at epoch {epoch + 1}, step {step + 1})"
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                status = f"diverged (non-finite weights at epoch {epoch + 1}, step {step + 1})"
-                break
-            for k, v in (("loss", loss), ("forget", forget), ("retain", retain)):
-                sums[k] += v.item()
-        train_seconds = time.time() - t0
-        if status != "ok":
-            log(f"[{name}] {status}; stopping this method")
-            break
-        logs = evaluate(model, enc, st, ref_model=target)
-        metrics = tofu_eval.aggregate(logs, retain_logs)
-        seconds += time.time() - t0
-        rec = {"method": name, "epoch": epoch + 1, "status": status,
-               **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
-               "seconds": seconds, **metrics}
-        records.append(rec)
-        # the epoch's logs (the last epoch's feed samples.md), its record, then the resumable state
+    def on_epoch_end(epoch, train_stats, optimizer):
+        logs = evaluate(run, net, tok, fmt, ref=ref_model)
+        record = {"method": name, "seed": seed, "epoch": epoch + 1, "status": "ok",
+                  **{f"train_{k}": v for k, v in train_stats.items()},
+                  **tofu_eval.aggregate(logs, retain_logs), "seconds": time.time() - t0}
         tofu_eval.write_logs(out / "logs", logs)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                    "seconds": seconds}, out / "state.tmp")
-        os.replace(out / "state.tmp", out / "state.pt")
-        tofu_eval.write_json_atomic(out / f"epoch_{epoch + 1:03d}.json", rec)
-        eta = seconds / (epoch + 1 - start_epoch or 1) * (cfg.unlearn_epochs - epoch - 1)
-        log(f"[{name}] epoch {epoch + 1}/{cfg.unlearn_epochs} loss {rec['train_loss']:.4f} "
-            f"(forget {rec['train_forget']:.4f}, retain {rec['train_retain']:.4f}) "
-            f"train {train_seconds:.1f}s | FQ {fmt_num(metrics['Forget Quality'])} "
-            f"MU {metrics['Model Utility']:.4f} forget ROUGE {metrics['Forget ROUGE']:.3f} "
-            f"| method eta {fmt_eta(eta)}")
+        write_json(out / f"epoch_{epoch + 1:03d}.json", record)
+        data.write_atomic(out / "state.pt", lambda path: torch.save(
+            {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+             "seconds": time.time() - t0}, path))
+        log(f"[{name} seed {seed}] epoch {epoch + 1}: Forget Quality {record['Forget Quality']:.3g}, "
+            f"Model Utility {record['Model Utility']:.3f}, W mean {train_stats.get('W_mean', float('nan')):.3f}")
+
+    status = train(net, loss_fn, len(forget), epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, seed=seed,
+                   tag=f"{name} seed {seed}", start_epoch=start_epoch, optimizer=optimizer, on_epoch_end=on_epoch_end)
     if status != "ok":
-        records.append({"method": name, "epoch": len(records) + 1, "status": status,
-                        "seconds": seconds})
-        tofu_eval.write_json_atomic(out / f"epoch_{len(records):03d}.json", records[-1])
-    tofu_eval.write_json_atomic(out / "done.json", {"status": status, "epochs": len(records)})
-    (out / "state.pt").unlink(missing_ok=True)  # finished: only metrics and logs are kept
-    return records
+        log(f"[{name} seed {seed}] {status}")
+        epoch = len(list(out.glob("epoch_*.json"))) + 1
+        write_json(out / f"epoch_{epoch:03d}.json", {"method": name, "seed": seed, "epoch": epoch, "status": status})
+    else:
+        models.save_pretrained(net, out / "model")
+        tok.save(out / "model")
+    write_json(out / "done.json", {"status": status, "epochs": len(list(out.glob("epoch_*.json"))), "seconds": time.time() - t0})
+    (out / "state.pt").unlink(missing_ok=True)  # the model is kept in out/model; the optimizer state is not needed
 
 
-# ----------------------------------------------------------------------------- stage 6: report
-
-def fmt_num(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float) and (v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4)):
-        return f"{v:.2e}"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+def first_draw(i: int, n: int) -> int:
+    """The authors pair forget example i with ONE retain example and ONE refusal, fixed for the
+    run: the first draw of torch's generator seeded with i."""
+    return torch.randint(n, (1,), generator=torch.Generator().manual_seed(i)).item()
 
 
-_WORD = re.compile(r"[a-z0-9]+")
+def check_job_records(out: Path) -> None:
+    for k in range(1, read_json(out / "done.json")["epochs"] + 1):
+        if read_json(out / f"epoch_{k:03d}.json") is None:
+            raise ValueError(f"the record of epoch {k} is missing")
 
 
-def repeated_ngram_share(text: str, n: int = 3) -> float:
-    """Share of a generation's word n-grams that repeat an earlier n-gram of it (0 = none)."""
-    words = _WORD.findall(text.lower())
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+def resume(out: Path, net, optimizer) -> tuple[int, float]:
+    """(epochs done, seconds spent) from out/state.pt; (0, 0) for a fresh start. A state that fails
+    to load, or whose epoch records are missing, is discarded with a warning: the job restarts."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "state.pt").exists():
+        for stale in out.glob("epoch_*.json"):  # records of a killed first epoch-to-state window
+            stale.unlink()
+        return 0, 0.0
+    try:
+        state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, seconds = int(state["epoch"]), float(state["seconds"])
+        if any(read_json(out / f"epoch_{k:03d}.json") is None for k in range(1, epoch + 1)):
+            raise ValueError("an epoch record is missing or unreadable")
+    except Exception as e:  # truncated or foreign file: never trust it, never crash on it
+        log(f"warning: {out / 'state.pt'} cannot be resumed ({type(e).__name__}: {str(e)[:80]}); restarting this job")
+        (out / "state.pt").unlink()
+        return resume(out, net, optimizer)
+    for stale in out.glob("epoch_*.json"):
+        if int(stale.stem[6:]) > epoch:  # written after the last state: redone, identically
+            stale.unlink()
+    log(f"{out}: resuming after epoch {epoch}")
+    return epoch, seconds
 
 
-def unknown_word_share(text: str, vocab: set[str]) -> float:
-    """Share of a generation's words that never occur in the training text (gibberish)."""
-    words = _WORD.findall(text.lower())
-    return sum(w not in vocab for w in words) / len(words) if words else 0.0
+# ----------------------------------------------------------------------------- processes
+
+def setup_process(cfg: Config) -> None:
+    torch.set_num_threads(cfg.threads)
 
 
-def is_degenerate(text: str, vocab: set[str]) -> bool:
-    """Degenerate: no word at all, at least half of its word 3-grams repeated, or at least half
-    of its words unknown to the training text."""
-    return (not _WORD.search(text.lower()) or repeated_ngram_share(text) >= 0.5
-            or unknown_word_share(text, vocab) >= 0.5)
-
-
-def training_vocabulary(data_dir) -> set[str]:
-    """Every word of the fine-tuning text (full, real_authors, world_facts, refusals)."""
-    rows = data.load_split(data_dir, "full") + base_rows(data_dir)
-    texts = [r[k] for r in rows for k in ("question", "answer")] + data.load_idk(data_dir)
-    return {w for t in texts for w in _WORD.findall(t.lower())}
-
-
-def degeneracy(logs: dict, vocab: set[str]) -> dict:
-    """Degeneracy figures of the forget-question generations in `logs`."""
-    gens = [g for _, g, _ in generations(logs)]
-    n = max(len(gens), 1)
-    return {"Degenerate Share": sum(is_degenerate(g, vocab) for g in gens) / n,
-            "Repeated 3-gram Share": sum(repeated_ngram_share(g) for g in gens) / n,
-            "Unknown Word Share": sum(unknown_word_share(g, vocab) for g in gens) / n}
-
-
-def generations(logs: dict) -> list[tuple[str, str, str]]:
-    """(question, generation, ground truth) of the forget split, in row order."""
-    gen = logs["eval_log_forget"]["generated_text"]
-    items = gen.values() if isinstance(gen, dict) else gen
-    return [tuple(x) for x in items]
-
-
-def best_epoch(records: list[dict], target_mu: float) -> dict | None:
-    """Best epoch = highest Forget Quality among epochs whose Model Utility is at least 90% of
-    the target model's; None when no epoch keeps that much utility."""
-    ok = [r for r in records if r.get("status") == "ok" and r.get("Forget Quality") is not None
-          and r["Model Utility"] >= 0.9 * target_mu]
-    return max(ok, key=lambda r: r["Forget Quality"]) if ok else None
-
-
-def report(st: Stages, target_rec: dict, retain_rec: dict, results: dict, method_dirs: dict) -> None:
-    cfg, run = st.cfg, st.run_dir
-    lines = [target_rec, retain_rec] + [r for recs in results.values() for r in recs]
-    write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
-
-    target_mu = target_rec["Model Utility"]
-    md = [f"# TOFU unlearning: {'real TOFU' if st.real_data else 'built-in TOFU-style data'}, {cfg.split}",
-          "",
-          f"Model {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}; unlearning "
-          f"{cfg.unlearn_epochs} epochs, lr {cfg.unlearn_lr}, batch {cfg.unlearn_batch_size}, "
-          f"beta {cfg.beta}. Best epoch = highest Forget Quality among epochs whose Model Utility "
-          f"is >= 90% of the target model's.",
-          "",
-          "| model / method | status | FQ final | MU final | forget ROUGE final | FQ best | MU best | best epoch | degenerate | wall s |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
-    for rec, label in ((target_rec, "target (before unlearning)"), (retain_rec, "retain model")):
-        md.append(f"| {label} | - | {fmt_num(rec['Forget Quality'])} | {fmt_num(rec['Model Utility'])} | "
-                  f"{fmt_num(rec['Forget ROUGE'])} | | | | {rec['Degenerate Share']:.2f} | |")
-    for name, recs in results.items():
-        ok = [r for r in recs if r.get("status") == "ok"]
-        final = ok[-1] if ok else {}
-        status = recs[-1]["status"] if recs else "no epochs"
-        best = best_epoch(recs, target_mu)
-        g = final.get("Degenerate Share")
-        seconds = f"{recs[-1]['seconds']:.1f}" if recs else "n/a"
-        md.append(f"| {name} | {status} | {fmt_num(final.get('Forget Quality'))} | "
-                  f"{fmt_num(final.get('Model Utility'))} | {fmt_num(final.get('Forget ROUGE'))} | "
-                  f"{fmt_num(best['Forget Quality']) if best else 'n/a'} | "
-                  f"{fmt_num(best['Model Utility']) if best else 'n/a'} | "
-                  f"{best['epoch'] if best else 'n/a'} | {'n/a' if g is None else f'{g:.2f}'} | "
-                  f"{seconds} |")
-    md += ["", "FQ = Forget Quality (KS-test p-value against the retain model), MU = Model Utility, "
-           "degenerate = share of forget-question generations that are degenerate (see samples.md), "
-           "wall s = training and evaluation time of the method.", ""]
-    text = "\n".join(md)
-    write_text_atomic(run / "summary.md", text)
-    print(text)
-    plot(st, target_rec, retain_rec, results)
-    samples(st, results, method_dirs)
-
-
-def plot(st: Stages, target_rec: dict, retain_rec: dict, results: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    floor = 1e-30  # a p-value of exactly 0 cannot sit on a log axis
-    for name, recs in results.items():
-        pts = [(target_rec["Model Utility"], target_rec["Forget Quality"])] + [
-            (r["Model Utility"], r["Forget Quality"]) for r in recs if r.get("status") == "ok"]
-        xs, ys = zip(*[(x, max(y, floor)) for x, y in pts])
-        (line,) = ax.plot(xs, ys, "-o", ms=3, label=name)
-        if recs and recs[-1].get("status") != "ok":
-            ax.plot(xs[-1], ys[-1], "x", ms=10, color=line.get_color())
-    ax.plot(target_rec["Model Utility"], max(target_rec["Forget Quality"], floor), "k*", ms=14,
-            label="target (before unlearning)")
-    ax.plot(retain_rec["Model Utility"], retain_rec["Forget Quality"], "P", color="gold", ms=12,
-            markeredgecolor="k", label="retain model")
-    ax.set_yscale("log")
-    ax.set_xlabel("Model Utility")
-    ax.set_ylabel("Forget Quality (KS-test p-value)")
-    ax.set_title(f"TOFU {st.cfg.split}: one point per epoch, starting at the target model")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    tmp = st.run_dir / "tofu.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, st.run_dir / "tofu.png")
-    plt.close(fig)
-
-
-def samples(st: Stages, results: dict, method_dirs: dict, n_questions: int = 5) -> None:
-    md = [f"# Generations on forget questions ({st.cfg.split}), after the last epoch", ""]
-    per_method = {}
-    for name, out in method_dirs.items():
-        logs_dir = out / "logs"
-        if (logs_dir / "eval_log_forget.json").exists():
-            per_method[name] = generations(tofu_eval.read_logs(logs_dir, stems=("eval_log_forget",)))
-    if per_method:
-        first = next(iter(per_method.values()))
-        for i in range(min(n_questions, len(first))):
-            q, _, truth = first[i]
-            md += [f"## Q{i + 1}. {q}", "", f"- **ground truth**: {truth}"]
-            md += [f"- **{name}**: {gens[i][1]!r}" for name, gens in per_method.items()]
-            md.append("")
-    md += ["## Degeneracy", "",
-           "Per method, over all forget-question generations: the share that is degenerate (no "
-           "word, at least half of its word 3-grams repeated, or at least half of its words absent "
-           "from the training text), the mean share of repeated 3-grams, and the mean share of "
-           "unknown words.", "",
-           "| method | status | degenerate | repeated 3-grams | unknown words |", "|---|---|---|---|---|"]
-    for name, recs in results.items():
-        final = recs[-1] if recs else {}
-        if "Degenerate Share" in final:
-            md.append(f"| {name} | {final['status']} | {final['Degenerate Share']:.2f} | "
-                      f"{final['Repeated 3-gram Share']:.2f} | {final['Unknown Word Share']:.2f} |")
-        else:
-            md.append(f"| {name} | {final.get('status', 'no epochs')} | n/a | n/a | n/a |")
-    write_text_atomic(st.run_dir / "samples.md", "\n".join(md) + "\n")
+def parallel(fn, jobs: list[tuple], workers: int) -> None:
+    """Run fn(*job) for every job, in `workers` processes side by side (each job writes its own
+    files, so the order does not matter); in this process when there is one worker or one job."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            fn(*job)
+        return
+    import multiprocessing
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=signal.signal,
+                                                     initargs=(signal.SIGINT, signal.SIG_IGN))  # Ctrl-C: the parent stops them
+    try:
+        pool.starmap(fn, jobs, chunksize=1)  # re-raises a worker's error here
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 # ----------------------------------------------------------------------------- main
 
-def run(cfg: TofuConfig) -> Path:
+def run(cfg: Config) -> Path:
     t_start = time.time()
-    torch.manual_seed(cfg.seed)
-    st = Stages(cfg)
-    st.run_dir.mkdir(parents=True, exist_ok=True)
-    log(f"run {st.run_dir} | data {st.data_key} | split {cfg.split} | methods {cfg.methods}")
-
-    prepare_data(st)
-    perturbed = st.data_dir / f"{cfg.split}_perturbed.json"
-    if not perturbed.exists():
-        raise ConfigError(f"{perturbed}: not found; evaluating {cfg.split} needs it (TOFU publishes "
-                          f"it for forget01/05/10 only; the built-in data has it for every split)")
-    enc = prepare_tokenizer(st)
-    if cfg.max_new_tokens <= 0:
-        cfg.max_new_tokens = longest_eval_answer(enc, st)
-        st.refresh_keys()
-    tofu_eval.write_json_atomic(st.run_dir / "config.json", asdict(cfg))
-    base_path = prepare_base(st, enc)
-    target_path = prepare_finetuned(st, enc, base_path, "target")
-    retain_path = prepare_finetuned(st, enc, base_path, "retain")
-
-    target, _ = load_checkpoint(target_path, map_location=cfg.device)
-    target.eval()
-    for p in target.parameters():
-        p.requires_grad_(False)
-    vocab = training_vocabulary(st.data_dir)
-    retain_logs = cached_eval(st, enc, "retain", retain_path)
-    target_logs = cached_eval(st, enc, "target", target_path, model=target, ref_model=target)
-    target_rec = {"method": "target", "epoch": 0, "status": "ok",
-                  **tofu_eval.aggregate(target_logs, retain_logs),
-                  **degeneracy(target_logs, vocab)}
-    retain_rec = {"method": "retain", "epoch": 0, "status": "ok",
-                  **tofu_eval.aggregate(retain_logs, retain_logs),
-                  **degeneracy(retain_logs, vocab)}
-    log(f"target: FQ {fmt_num(target_rec['Forget Quality'])} MU {target_rec['Model Utility']:.4f} | "
-        f"retain: MU {retain_rec['Model Utility']:.4f}")
-
-    ud = None  # built (reference log-probs included) only when a method still has work to do
-    results, method_dirs = {}, {}
-    for i, name in enumerate(method_list(cfg)):
-        log(f"stage unlearning: method {i + 1}/{len(method_list(cfg))}: {name}")
-        if ud is None and not (method_dir(st, name) / "done.json").exists():
-            ud = UnlearningData(st, enc, target)
-        recs = run_method(name, st, enc, target_path, target, ud, retain_logs)
-        out = method_dirs[name] = method_dir(st, name)
-        if recs and recs[-1].get("status") == "ok" and (out / "logs").exists():
-            recs[-1].update(degeneracy(tofu_eval.read_logs(out / "logs", stems=("eval_log_forget",)), vocab))
-        results[name] = recs
-    report(st, target_rec, retain_rec, results, method_dirs)
-    log(f"done in {time.time() - t_start:.0f}s: {st.run_dir}")
-    return st.run_dir
+    setup_process(cfg)
+    run = Run(cfg)
+    if cfg.dry_run:
+        model_dir = cfg.model or cfg.base_model
+        config = models.load_config(model_dir) if model_dir else models.GPTConfig(
+            vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        # a forget and a retain micro-batch share one backward; TOFU's QA pairs stay under 256 tokens
+        print(models.format_memory(models.memory_estimate(
+            config, micro_batch=2 * cfg.micro_batch_size, seq_len=min(256, config.block_size), dtype=cfg.dtype,
+            optimizer=cfg.optimizer, grad_checkpointing=cfg.grad_checkpointing, fused=cfg.logprob == "fused",
+            ref_model_copy=any(npo.METHODS[m].needs_ref_model for m in methods_of(cfg)),
+            activation_dtype=torch.bfloat16 if autocast(cfg).fast_dtype == torch.bfloat16 and cfg.device.startswith("cuda") else None)))
+        return run.dir
+    run.claim()
+    workers = 1 if cfg.device.startswith("cuda") else cfg.workers
+    log(f"run {run.dir}: {cfg.split}, methods {cfg.methods}, seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}, "
+        f"{workers} worker(s) x {cfg.threads} thread(s), torch {torch.__version__}")
+    tok, _ = prepare_data(run)
+    if not cfg.model:
+        build_target_and_retain(run, tok, workers)
+    target_dir = cfg.model or str(run.dir / "target")
+    retain_dir = cfg.retain_model or str(run.dir / "retain")
+    evals = [(cfg, target_dir, "target")] + ([] if cfg.retain_logs else [(cfg, retain_dir, "retain")])
+    parallel(eval_job, [job for job in evals if not finished(run.dir / "eval" / job[2], tofu_eval.read_logs)], workers)
+    jobs = [(cfg, target_dir, name, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds) for name in methods_of(cfg)]
+    parallel(unlearn_job, jobs, workers)
+    report.write(run, target_dir)
+    log(f"done in {time.time() - t_start:.0f}s: {run.dir}")
+    return run.dir
 
 
 def main(argv=None) -> int:
     try:
-        cfg = parse_config(argv)
-        run(cfg)
-    except (ConfigError, data.DataError, CheckpointError, tofu_eval.LogError) as e:
+        run(parse_args(argv))
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume where it stopped", file=sys.stderr)
+        return 130
+    except (ConfigError, data.DataError, models.ModelError, tofu_eval.LogError, OSError) as e:
         print(f"train_tofu.py: error: {e}", file=sys.stderr)
         return 2
     return 0

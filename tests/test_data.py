@@ -1,6 +1,9 @@
-"""Tests of data.py's TOFU loader, QA formatting, batching and TOFU-style generator."""
+"""Tests of data.py's TOFU loader, atomic writes, prompt formats (against TOFU's and open-unlearning's
+tokenization through transformers), batching, and of tofu_style.py's TOFU-style generator."""
 
+import codecs
 import json
+import os
 import re
 from pathlib import Path
 
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 import data
+import tofu_style
 
 TOFU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "tofu"
 needs_tofu = pytest.mark.skipif(not TOFU_DIR.exists(), reason="real TOFU files not found at ../shared/tofu")
@@ -29,12 +33,12 @@ PERCENTS = ("01", "05", "10", "20", "30", "50", "90")
 
 @pytest.fixture(scope="module")
 def gen_dir(tmp_path_factory):
-    return data.write_tofu_style_dataset(tmp_path_factory.mktemp("gen") / "tofu", n_authors=200, seed=0)
+    return tofu_style.write_tofu_style_dataset(tmp_path_factory.mktemp("gen") / "tofu", n_authors=200, seed=0)
 
 
 @pytest.fixture(scope="module")
-def enc(gen_dir):
-    return data.build_encoding(data.train_bpe(data.corpus_texts(gen_dir), 1024))
+def tok(gen_dir):
+    return data.bpe_tokenizer(data.train_bpe(data.corpus_texts(gen_dir)[::4], 512))
 
 
 def write(path, lines):
@@ -118,6 +122,46 @@ def test_load_idk(tmp_path):
         data.load_idk(tmp_path)
 
 
+def test_loader_accepts_a_utf8_byte_order_mark(tmp_path):
+    (tmp_path / "full.json").write_bytes(codecs.BOM_UTF8 + f"{GOOD}\n{GOOD}\n".encode())
+    assert data.load_split(tmp_path, "full") == [{"question": "Who?", "answer": "Me."}] * 2
+    (tmp_path / "full.json").write_bytes(codecs.BOM_UTF8 + f"{GOOD}\n{{oops}}\n".encode())
+    with pytest.raises(data.DataError, match=r"full\.json:2: malformed JSON"):
+        data.load_split(tmp_path, "full")
+    (tmp_path / "idontknow.jsonl").write_bytes(codecs.BOM_UTF8 + b"No idea.\n")
+    assert data.load_idk(tmp_path) == ["No idea."]
+
+
+def test_write_atomic_writes_whole_files_or_nothing(tmp_path):
+    path = tmp_path / "out.json"
+    data.write_atomic(path, "Zoë\n")
+    assert path.read_bytes() == "Zoë\n".encode()
+    data.write_atomic(path, b"\x00\xff")
+    assert path.read_bytes() == b"\x00\xff"
+    data.write_atomic(path, lambda p: p.write_text("by a writer"))
+    assert path.read_text() == "by a writer"
+
+    def fail_halfway(p):
+        p.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        data.write_atomic(path, fail_halfway)
+    assert path.read_text() == "by a writer" and os.listdir(tmp_path) == ["out.json"]
+    # two writers of one path at once use different temporary files
+    temporaries = []
+
+    def outer(p):
+        temporaries.append(p)
+        data.write_atomic(path, lambda q: temporaries.append(q) or q.write_text("inner"))
+        p.write_text("outer")
+
+    data.write_atomic(path, outer)
+    assert temporaries[0] != temporaries[1] and path.read_text() == "outer" and os.listdir(tmp_path) == ["out.json"]
+    with pytest.raises(OSError):
+        data.write_atomic(tmp_path / "absent" / "x.json", "x")
+
+
 @needs_tofu
 def test_loader_reads_every_real_tofu_file():
     assert sorted(p.name for p in TOFU_DIR.iterdir() if p.suffix in (".json", ".jsonl")) == TOFU_FILES
@@ -143,27 +187,102 @@ def test_retain_split_for_and_data_dir(tmp_path, monkeypatch):
         data.resolve_data_dir(str(tmp_path / "absent"))
 
 
-# ---------------------------------------------------------------------------------------------- formatting
+# ---------------------------------------------------------------------------------------------- prompt formats
 
 
-def test_label_mask_covers_exactly_answer_and_eos(enc):
+def test_qa_format_gives_the_built_in_ids(gen_dir, tok):
+    # the built-in format as it has always been encoded: prompt, then " " + answer + <|endoftext|>
+    qa = data.PROMPT_FORMATS["qa"]
+    for row in data.load_split(gen_dir, "full")[::7]:
+        prompt = tok.encoding.encode_ordinary(f"Question: {row['question']}\nAnswer:")
+        answer = tok.encoding.encode_ordinary(" " + row["answer"]) + [tok.eos_ids[0]]
+        assert data.encode_qa(tok, qa, row["question"], row["answer"]) == (prompt + answer, [-100] * len(prompt) + answer)
+        assert data.encode_prompt(tok, qa, row["question"]) == prompt
+
+
+def test_label_mask_covers_exactly_answer_and_eos(tok):
     question, answer = "Where was Zoë Kowalski born?", "Zoë Kowalski was born in Kraków, Poland."
-    ids, labels = data.encode_qa(enc, question, answer)
+    ids, labels = data.encode_qa(tok, data.PROMPT_FORMATS["qa"], question, answer)
     assert len(ids) == len(labels)
     n_prompt = labels.count(-100)
     assert labels[:n_prompt] == [-100] * n_prompt and -100 not in labels[n_prompt:]
-    assert enc.decode(ids[:n_prompt]) == f"Question: {question}\nAnswer:"
-    assert ids[:n_prompt] == data.encode_prompt(enc, question)
+    assert tok.decode(ids[:n_prompt]) == f"Question: {question}\nAnswer:"
     assert labels[n_prompt:] == ids[n_prompt:]
-    # the single separating space belongs to the answer segment: the generation prompt ends at "Answer:"
-    assert enc.decode(labels[n_prompt:]) == " " + answer + "<|endoftext|>"
-    assert labels[-1] == enc.eot_token and ids.count(enc.eot_token) == 1
+    assert tok.decode(labels[n_prompt:]) == " " + answer  # the end token is dropped by decode
+    assert labels[-1] == tok.eos_ids[0] and ids.count(tok.eos_ids[0]) == 1
 
 
-def test_literal_eos_text_in_answer_is_not_the_eos_token(enc):
-    ids, labels = data.encode_qa(enc, "Q?", "A <|endoftext|> B")
-    assert ids.count(enc.eot_token) == 1 and ids[-1] == enc.eot_token
-    assert enc.decode([t for t in labels if t != -100]) == " A <|endoftext|> B<|endoftext|>"
+def test_literal_special_token_text_stays_text(tok):
+    ids, labels = data.encode_qa(tok, data.PROMPT_FORMATS["qa"], "Q?", "A <|endoftext|> B")
+    assert ids.count(tok.eos_ids[0]) == 1 and ids[-1] == tok.eos_ids[0]
+    assert tok.decode([t for t in labels if t != -100]) == " A <|endoftext|> B"
+    with pytest.raises(data.DataError, match="BOS"):
+        data.encode_prompt(tok, data.PROMPT_FORMATS["llama2"], "Q?")
+
+
+def test_special_tokens_come_from_the_template_only(hf_tokenizer_dirs):
+    llama3 = data.load_tokenizer(hf_tokenizer_dirs["llama3"])
+    ids, _ = data.encode_qa(llama3, data.PROMPT_FORMATS["llama3-chat"], "Who <|eot_id|>?", "<|start_header_id|>")
+    assert ids.count(llama3.special_id("<|eot_id|>")) == 3  # system, question and answer ends
+    assert ids.count(llama3.special_id("<|start_header_id|>")) == 3  # system, user, assistant
+
+
+def tofu_encode(hf, tags, question, answer):
+    """TOFU's convert_raw_data_to_model_format without its padding: the question part and the
+    answer part tokenized as one string, EOS appended, the question part's token count masked."""
+    start, end, answer_tag = tags
+    new_question = start + question + end
+    n_question = len(hf.tokenize(new_question, add_special_tokens=True))
+    ids = hf(new_question + answer_tag + answer, add_special_tokens=True)["input_ids"] + [hf.eos_token_id]
+    return ids, [-100] * n_question + ids[n_question:]
+
+
+def chat_ids(hf, messages, **kwargs):
+    out = hf.apply_chat_template(messages, tokenize=True, date_string="10 Apr 2025", **kwargs)
+    return list(out if isinstance(out, list) else out["input_ids"])
+
+
+def open_unlearning_encode(hf, question, answer):
+    """open-unlearning's preprocess_chat_instance for its Llama-3.x-Instruct configs."""
+    chat = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": question},
+            {"role": "assistant", "content": answer}]
+    ids, prompt = chat_ids(hf, chat), chat_ids(hf, chat[:-1], add_generation_prompt=True)
+    ids += [] if ids[-1] == hf.eos_token_id else [hf.eos_token_id]
+    return (ids, [-100] * len(prompt) + ids[len(prompt):]), prompt
+
+
+@needs_tofu
+def test_prompt_formats_match_tofu_and_open_unlearning(hf_tokenizer_dirs):
+    from transformers import AutoTokenizer
+
+    rows = [(r["question"], r["answer"]) for r in data.load_split(TOFU_DIR, "full")[::40]
+            + data.load_split(TOFU_DIR, "world_facts")[::10]] + [("  Who wrote it?\n", " Nobody knows. ")]
+    # TOFU's config/model_config.yaml: question_start_tag, question_end_tag, answer_tag
+    for name, directory, tags in [("llama2", "llama2", ("[INST] ", " [/INST]", "")),
+                                  ("phi", "gpt2", ("Question: ", "\n", "Answer: "))]:
+        hf, tok = AutoTokenizer.from_pretrained(str(hf_tokenizer_dirs[directory])), data.load_tokenizer(hf_tokenizer_dirs[directory])
+        for question, answer in rows:
+            assert data.encode_qa(tok, data.PROMPT_FORMATS[name], question, answer) == tofu_encode(hf, tags, question, answer)
+            # TOFU's generation prompt: the text before the answer tag
+            prompt = hf(tags[0] + question + tags[1], add_special_tokens=True)["input_ids"]
+            assert data.encode_prompt(tok, data.PROMPT_FORMATS[name], question) == prompt
+    hf, tok = AutoTokenizer.from_pretrained(str(hf_tokenizer_dirs["llama3"])), data.load_tokenizer(hf_tokenizer_dirs["llama3"])
+    for question, answer in rows:
+        expected, prompt = open_unlearning_encode(hf, question, answer)
+        assert data.encode_qa(tok, data.PROMPT_FORMATS["llama3-chat"], question, answer) == expected
+        assert data.encode_prompt(tok, data.PROMPT_FORMATS["llama3-chat"], question) == prompt
+        assert expected[0][-1] == tok.special_id("<|eot_id|>") in tok.eos_ids
+
+
+def test_default_prompt_format(hf_tokenizer_dirs, tmp_path, tok):
+    formats = {name: data.default_prompt_format(d, data.load_tokenizer(d)) for name, d in hf_tokenizer_dirs.items()}
+    assert formats == {"gpt2": "qa", "llama3": "llama3-chat", "llama2": "llama2", "llama2-metaspace": "llama2",
+                       "llama2-metaspace-split": "llama2"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi"}))
+    assert data.default_prompt_format(tmp_path, tok) == "phi"
+
+
+# ---------------------------------------------------------------------------------------------- batching
 
 
 def test_collate_right_pads():
@@ -185,6 +304,21 @@ def test_batch_indices_deterministic_partition():
     assert b != data.batch_indices(10, 4, seed=4, epoch=1)
     assert data.batch_indices(5, 2, seed=0, shuffle=False) == [[0, 1], [2, 3], [4]]
     assert data.batch_indices(0, 2, seed=0) == []
+
+
+def test_bucketed_batches_cover_each_index_once_and_cut_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 200, size=1000).tolist()
+    b1 = data.bucketed_batch_indices(lengths, 16, seed=3, epoch=1)
+    assert sorted(i for b in b1 for i in b) == list(range(1000))
+    assert b1 == data.bucketed_batch_indices(lengths, 16, seed=3, epoch=1)
+    assert b1 != data.bucketed_batch_indices(lengths, 16, seed=3, epoch=2)
+
+    def padded(batches):  # tokens a right-padded batch holds
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    plain = data.batch_indices(1000, 16, seed=3, epoch=1)
+    assert padded(b1) < 0.75 * padded(plain)
 
 
 # ---------------------------------------------------------------------------------------------- generator
@@ -284,35 +418,20 @@ def test_generator_option_files(gen_dir):
             assert sorted(prow["perturbed_answer"]) == sorted(o for o in options if o != row["answer"])
 
 
-def test_generator_is_deterministic(tmp_path, gen_dir):
-    again = data.write_tofu_style_dataset(tmp_path / "again", n_authors=200, seed=0)
-    for name in TOFU_FILES:
-        assert (again / name).read_bytes() == (gen_dir / name).read_bytes(), name
-    other = data.write_tofu_style_dataset(tmp_path / "other", n_authors=200, seed=1)
-    assert (other / "full.json").read_bytes() != (gen_dir / "full.json").read_bytes()
+def test_generator_is_deterministic(tmp_path):
+    first, again, other = (tofu_style.write_tofu_style_dataset(tmp_path / name, n_authors=20, seed=seed)
+                           for name, seed in (("first", 0), ("again", 0), ("other", 1)))
+    for name in os.listdir(first):
+        assert (again / name).read_bytes() == (first / name).read_bytes(), name
+    assert (other / "full.json").read_bytes() != (first / "full.json").read_bytes()
 
 
 def test_generator_small_and_invalid_sizes(tmp_path):
-    small = data.write_tofu_style_dataset(tmp_path / "small", n_authors=10, seed=0)
+    small = tofu_style.write_tofu_style_dataset(tmp_path / "small", n_authors=10, seed=0)
     counts = {p: len(data.load_split(small, f"forget{p}")) for p in PERCENTS}
     assert counts == {"01": 20, "05": 20, "10": 20, "20": 40, "30": 60, "50": 100, "90": 180}
     assert len(data.load_split(small, "retain_perturbed")) == 20
     for r in data.load_split(small, "forget10_perturbed"):
         assert len(set(r["perturbed_answer"])) == 5 and r["paraphrased_answer"] not in r["perturbed_answer"]
     with pytest.raises(ValueError, match="n_authors"):
-        data.write_tofu_style_dataset(tmp_path / "tiny", n_authors=3)
-
-
-def test_bucketed_batches_cover_each_index_once_and_cut_padding():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(10, 200, size=1000).tolist()
-    b1 = data.bucketed_batch_indices(lengths, 16, seed=3, epoch=1)
-    assert sorted(i for b in b1 for i in b) == list(range(1000))
-    assert b1 == data.bucketed_batch_indices(lengths, 16, seed=3, epoch=1)
-    assert b1 != data.bucketed_batch_indices(lengths, 16, seed=3, epoch=2)
-
-    def padded(batches):  # tokens a right-padded batch holds
-        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
-
-    plain = data.batch_indices(1000, 16, seed=3, epoch=1)
-    assert padded(b1) < 0.75 * padded(plain)
+        tofu_style.write_tofu_style_dataset(tmp_path / "tiny", n_authors=3)
