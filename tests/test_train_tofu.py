@@ -13,6 +13,7 @@ import torch
 import data
 import model as models
 import train_tofu
+from conftest import TOFU_DIR as ROOT_TOFU
 
 TOY = ["--n-authors", "10", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--vocab-size", "300",
        "--base-epochs", "2", "--finetune-epochs", "2", "--epochs", "2", "--ds-size", "4", "--max-new-tokens", "4",
@@ -166,3 +167,42 @@ def test_forget_examples_are_paired_as_in_the_authors_code():
         torch.manual_seed(i)
         want = torch.randint(0, 3600, (1,)).item()
         assert train_tofu.first_draw(i, 3600) == want
+
+
+def test_a_real_model_directory_end_to_end(hf_tokenizer_dirs, tmp_path):
+    """`--model DIR --retain-model DIR` on a tiny random Llama-2-shaped model (transformers builds
+    and saves it; its tokenizer is a SentencePiece-style BPE) and a few TOFU rows: every output is
+    written, and transformers loads the unlearned model with the same logits as model.py."""
+    transformers = pytest.importorskip("transformers")
+    tok_dir = hf_tokenizer_dirs["llama2"]
+    tok = data.load_tokenizer(tok_dir)
+    model_dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=tok.n_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2))
+        model_dirs.append(tmp_path / f"llama{seed}")
+        hf.save_pretrained(model_dirs[-1])
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tok_dir / name, model_dirs[-1] / name)
+    tofu = tmp_path / "tofu"  # the first rows of each real TOFU file
+    tofu.mkdir()
+    for path in train_tofu.Path(ROOT_TOFU).glob("*.json*"):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        (tofu / path.name).write_text("\n".join(lines[:8]) + "\n", encoding="utf-8")
+    argv = ["--model", str(model_dirs[0]), "--retain-model", str(model_dirs[1]), "--data-dir", str(tofu),
+            "--methods", "npo_rt,ga_kl", "--seeds", "1", "--epochs", "1", "--ds-size", "4", "--max-new-tokens", "4",
+            "--batch-size", "4", "--workers", "1", "--out-dir", str(tmp_path / "out")]
+    assert train_tofu.main(argv) == 0
+    run_dir = next((tmp_path / "out").iterdir())
+    for name in ("metrics.jsonl", "summary.md", "frontier.png", "samples.md"):
+        assert (run_dir / name).stat().st_size > 0
+    unlearned = run_dir / "unlearn" / "npo_rt" / "seed0" / "model"
+    ours = models.from_pretrained(unlearned).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(unlearned).eval()
+    ids = torch.tensor([tok.encode("Who wrote the book?")])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-5)
+        assert not torch.equal(ours(ids), models.from_pretrained(model_dirs[0])(ids))  # it did unlearn
+    assert data.load_tokenizer(unlearned).encode("Who wrote the book?") == ids[0].tolist()
