@@ -56,9 +56,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import data
-from model import answer_kl, answer_logprob, from_pretrained
+from model import answer_kl, answer_logprob, from_pretrained, load_config
 
 # ----------------------------------------------------------------------------- splits
 
@@ -540,6 +541,32 @@ def best_forget_quality(records: list[dict], target_mu: float, fraction: float) 
 
 # ----------------------------------------------------------------------------- model evaluation
 
+def rank_share(items: list) -> list[tuple]:
+    """This process's share of items under torchrun, each with whether it is its own: items rank,
+    rank + world, ...; then a stand-in (items[0], its results to drop) where the share is one
+    short, since under FSDP every process must make the same forward calls. One process: every
+    item, its own."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = items[rank::world]
+    return [(item, True) for item in mine] + [(item, False) for item in items[:-(-len(items) // world) - len(mine)]]
+
+
+def gathered(results: dict) -> dict:
+    """Every process's share of results, merged (one process: as it is)."""
+    if not dist.is_initialized():
+        return results
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, results)
+    return {key: value for share in shares for key, value in share.items()}
+
+
+def all_processes_done(done: bool) -> bool:
+    """Whether every process's generation batch is done; all of them ask together."""
+    flag = torch.tensor([float(done)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def evaluate_model(model, tok, fmt, data_dir, forget_split: str, *, eval_forget_split=None,
                    ds_size: int = 300, batch_size: int = 32, max_new_tokens: int | None = None,
                    fused: bool = False, rouge: str = "porter", ref_model=None, stems=None,
@@ -588,33 +615,44 @@ def evaluate_model(model, tok, fmt, data_dir, forget_split: str, *, eval_forget_
         raise ValueError(f"a prompt of {longest} tokens leaves no room to generate (block_size "
                          f"{block_size}{'' if max_new_tokens else f', TOFU max_length {TOFU_MAX_LENGTH}'})")
 
-    # 2) scores, in batches of similar length (little compute lost to padding), and generations
+    # 2) scores, in batches of similar length (little compute lost to padding), and generations.
+    # Several processes (torchrun) take a share of the same batches each and gather the results.
     losses, kl = {}, {}  # key -> (sum of NLLs, tokens); forget row -> mean KL per answer token
     order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][0]))
+    generation_order = sorted(range(len(prompts)), key=lambda q: len(prompts[q]))
     modes = {m: m.training for m in (model, ref_model) if m is not None}
     say(f"scoring {len(pairs)} answers")
     try:
         for m in modes:
             m.eval()
         with torch.no_grad():
-            for s in range(0, len(order), batch_size):
-                batch = order[s:s + batch_size]
+            for batch, mine in rank_share([order[s:s + batch_size] for s in range(0, len(order), batch_size)]):
                 ids, labels = (t.to(device) for t in data.collate([pairs[k] for k in batch], tok.pad_id))
                 logp, n_tokens = answer_logprob(model, ids, labels, fused)  # (B,), (B,)
+                forget = [b for b, k in enumerate(batch) if keys[k][0] == FORGET_STEM and keys[k][2] == "gt"]
+                if ref_model is not None and (forget or dist.is_initialized()):  # FSDP: same calls everywhere
+                    pick = torch.tensor(forget or [0], device=device)
+                    kl_sum, count = answer_kl(model, ref_model, ids[pick], labels[pick])  # (b,), (b,)
+                if not mine:  # a stand-in batch
+                    continue
                 for k, lp, n in zip(batch, logp.tolist(), n_tokens.tolist()):
                     losses[keys[k]] = (-lp, int(n))
-                forget = [b for b, k in enumerate(batch) if keys[k][0] == FORGET_STEM and keys[k][2] == "gt"]
                 if ref_model is not None and forget:
-                    pick = torch.tensor(forget, device=device)
-                    kl_sum, count = answer_kl(model, ref_model, ids[pick], labels[pick])  # (b,), (b,)
                     for b, total, c in zip(forget, kl_sum.tolist(), count.tolist()):
                         kl[keys[batch[b]][1]] = total / c
             say(f"generating {len(prompts)} answers (at most {new_tokens} new tokens)")
-            generated = model.generate(prompts, new_tokens, tok.eos_ids, batch_size=batch_size)
+            generated = {}
+            for batch, mine in rank_share([generation_order[s:s + batch_size]
+                                           for s in range(0, len(prompts), batch_size)]):
+                new = model.generate([prompts[q] for q in batch], new_tokens, tok.eos_ids, batch_size=len(batch),
+                                     all_done=all_processes_done if dist.is_initialized() else bool)
+                if mine:
+                    generated.update(zip(batch, new))
     finally:
         for m, training in modes.items():
             m.train(training)
-    texts = {q: tok.decode(ids).strip() for q, ids in zip(questions, generated)}
+    losses, kl, generated = gathered(losses), gathered(kl), gathered(generated)
+    texts = {question: tok.decode(generated[q]).strip() for q, question in enumerate(questions)}
 
     # 3) the logs, in TOFU's layout
     logs = {}
@@ -709,15 +747,23 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
         if getattr(cfg, name) and getattr(cfg, name) not in allowed:
             problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                             f"got {getattr(cfg, name)!r}")
-    if not re.fullmatch(r"forget\d\d", cfg.split):
+    split_ok = re.fullmatch(r"forget(0[1-9]|[1-9]\d)", cfg.split)
+    if not split_ok:
         problems.append(f"--split must be a forget split forgetXX, e.g. forget10, got {cfg.split!r}")
-    if cfg.eval_forget_split and not re.fullmatch(r"forget\d\d_perturbed", cfg.eval_forget_split):
+    if cfg.eval_forget_split and not re.fullmatch(r"forget(0[1-9]|[1-9]\d)_perturbed", cfg.eval_forget_split):
         problems.append(f"--eval-forget-split must be forgetXX_perturbed, got {cfg.eval_forget_split!r}")
+    vocab_sizes = {}
     for name in ("model", "retain_model", "ref_model"):
         option_name, path = f"--{name.replace('_', '-')}", getattr(cfg, name)
         if path and not (Path(path) / "config.json").is_file():
             problems.append(f"{option_name}: {path!r} is not a model directory (no config.json)")
-        elif path and name != "ref_model" and cfg.prompt_format in ("", *data.PROMPT_FORMATS):
+            continue
+        try:
+            vocab_sizes[name] = load_config(path).vocab_size if path else None
+        except ValueError as e:  # ModelError, naming the file
+            problems.append(f"{option_name}: {e}")
+            continue
+        if path and name != "ref_model" and cfg.prompt_format in ("", *data.PROMPT_FORMATS):
             try:  # its tokenizer must read, and encode a QA pair in the prompt format
                 tok = data.load_tokenizer(path)
             except ValueError as e:
@@ -729,14 +775,19 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
             except ValueError as e:
                 problems.append(f"{option_name}: prompt format {fmt!r} does not fit its tokenizer "
                                 f"({e}); choose one with --prompt-format")
+    if vocab_sizes.get("ref_model") and vocab_sizes.get("model") not in (None, vocab_sizes["ref_model"]):
+        problems.append(f"--ref-model has a vocabulary of {vocab_sizes['ref_model']} tokens, --model one of "
+                        f"{vocab_sizes['model']}; the KL needs the same")
     if not cfg.model:
         problems.append("--model is required")
     if cfg.retain_model and cfg.retain_logs:
         problems.append("--retain-model and --retain-logs: give one of them, not both")
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", cfg.device):
         problems.append(f"--device must be cpu, cuda, cuda:N or mps, got {cfg.device!r}")
-    elif cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        problems.append(f"--device {cfg.device}: CUDA is not available here")
+    elif cfg.device.startswith("cuda") and int(cfg.device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        problems.append(f"--device {cfg.device}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    elif cfg.device == "mps" and not torch.backends.mps.is_available():
+        problems.append("--device mps: MPS is not available here")
     try:
         data_dir = data.resolve_data_dir(cfg.data_dir or None)
         if data_dir is None:
@@ -744,6 +795,12 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
     except ValueError as e:
         data_dir = None
         problems.append(f"--data-dir: {e}")
+    if data_dir is not None and split_ok:  # every split the evaluation reads
+        forget_log_split = cfg.eval_forget_split or default_eval_forget_split(data_dir, cfg.split)
+        missing = [f"{s.data_split}.json" for s in eval_splits(forget_log_split) if not (data_dir / f"{s.data_split}.json").is_file()]
+        if missing:
+            which = "--eval-forget-split" if f"{cfg.eval_forget_split}.json" in missing else "--data-dir"
+            problems.append(f"{which}: {data_dir} has no {', '.join(missing)}")
     if cfg.retain_logs:  # must describe the rows about to be evaluated
         try:
             retain = read_logs(cfg.retain_logs, (FORGET_STEM,))[FORGET_STEM]
@@ -808,14 +865,30 @@ def evaluate_main(argv) -> int:
 def aggregate_main(argv) -> int:
     cfg = parse_config(AggregateConfig, argv, "eval.py aggregate", "TOFU's metrics (Forget Quality, "
                        "Model Utility, ...) from TOFU-format logs, this project's or TOFU's own.")
-    problems = [] if cfg.unlearned_logs else ["--unlearned-logs is required"]
-    if cfg.out and (why := writable_dir_problem(Path(cfg.out).parent)) is not None:
+    problems, logs, retain = [], None, None
+    if not cfg.unlearned_logs:
+        problems.append("--unlearned-logs is required")
+    else:
+        try:  # the unlearned logs read and aggregate alone
+            logs = read_logs(cfg.unlearned_logs)
+            metrics = aggregate(logs, where=cfg.unlearned_logs)
+        except LogError as e:
+            problems.append(f"--unlearned-logs: {e}")
+    try:
+        retain = read_logs(cfg.retain_logs, (FORGET_STEM,)) if cfg.retain_logs else None
+    except LogError as e:
+        problems.append(f"--retain-logs: {e}")
+    if cfg.out and Path(cfg.out).is_dir():
+        problems.append(f"--out: {cfg.out} is a directory; expected the path of a JSON file")
+    elif cfg.out and (why := writable_dir_problem(Path(cfg.out).parent)) is not None:
         problems.append(f"--out: {why}")
+    if retain is not None and not problems:
+        try:  # the unlearned logs are sound: what fails is the retain logs, or their rows
+            metrics = aggregate(logs, retain, where=cfg.unlearned_logs, retain_where=cfg.retain_logs)
+        except LogError as e:
+            problems.append(f"--retain-logs: {e}")
     if problems:
         raise ValueError("\n".join(problems))
-    retain = read_logs(cfg.retain_logs, (FORGET_STEM,)) if cfg.retain_logs else None
-    metrics = aggregate(read_logs(cfg.unlearned_logs), retain, where=cfg.unlearned_logs,
-                        retain_where=cfg.retain_logs)
     if cfg.out:
         data.write_atomic(cfg.out, json.dumps(metrics, indent=2))
     print(format_table(metrics))

@@ -278,14 +278,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_ids,
-                 batch_size: int = 128) -> list[list[int]]:
+                 batch_size: int = 128, all_done=bool) -> list[list[int]]:
         """Greedy decoding with a KV cache, `batch_size` prompts at a time.
 
         Returns the new tokens of each prompt, in the order given, without the end token: a row
         stops at its first token in eos_ids (any collection of ids; empty: never stops early) or
         after max_new_tokens. Every prompt must fit with its continuation: len(prompt) +
         max_new_tokens <= block_size, else ValueError (no silent truncation). Runs in eval mode
-        (no dropout) and restores the training mode.
+        (no dropout) and restores the training mode. all_done(this batch is done) -> whether to
+        stop: processes of a sharded model (FSDP) step together until every one is done.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -310,13 +311,13 @@ class GPT(nn.Module):
             for s in range(0, len(order), batch_size):
                 rows = order[s:s + batch_size]
                 for i, new in zip(rows, self._generate_batch([prompts[i] for i in rows],
-                                                             max_new_tokens, eos)):
+                                                             max_new_tokens, eos, all_done)):
                     out[i] = new
         finally:
             self.train(was_training)
         return out
 
-    def _generate_batch(self, prompts, max_new_tokens, eos):
+    def _generate_batch(self, prompts, max_new_tokens, eos, all_done):
         """One batch of greedy decoding. Prompts are LEFT-padded so that every row's last prompt
         token sits in the same column and every new token is written to the same cache column;
         padding keys are masked out and positions count from each row's first real token, so a
@@ -354,7 +355,7 @@ class GPT(nn.Module):
             new[:, step] = next_tok
             n = step + 1
             finished |= torch.isin(next_tok, eos)
-            if bool(finished.all()) or step == max_new_tokens - 1:
+            if all_done(bool(finished.all())) or step == max_new_tokens - 1:
                 break
             col = T + step  # cache column of next_tok; every row has all keys up to it
             h = self._hidden(next_tok[:, None], (lengths + step)[:, None],  # (B, 1) ids, positions
@@ -652,8 +653,8 @@ def memory_estimate(config: GPTConfig, micro_batch: int, seq_len: int, dtype=tor
     a = bytes per element of activation_dtype (None: dtype; torch.bfloat16 under autocast).
     dtypes may be given by name ("bfloat16").
 
-        parameters   N s / n_shards, + N a under autocast (a < s): torch keeps a low-precision
-                     copy of every weight the forward used until backward has run
+        parameters   N s / n_shards, + N a under autocast (a < s) on one device: torch keeps a
+                     low-precision copy of every weight the forward used until backward has run
         gradients    N s / n_shards
         optimizer    / n_shards: "adamw": two moments per element, 2 N s (torch.optim.AdamW
                      allocates them like the parameter: bf16 for bf16 weights); "adafactor":
@@ -666,12 +667,18 @@ def memory_estimate(config: GPTConfig, micro_batch: int, seq_len: int, dtype=tor
                      is flash-style, no T x T matrix), MLP intermediates (2I; gated 4I); times L,
                      or with checkpointing L C (each block's input) + one layer's set;
                      not fused: + tokens x V x 12 bytes (fp32 logits, log-softmax, gradient)
+        gathered     only when sharded (n_shards > 1, FSDP2 with bf16 mixed precision): what
+                     is gathered whole at a time, in a: the parameters outside the blocks
+                     (embeddings, lm_head, final norm), kept from forward to backward, and two
+                     blocks' (the running one and the prefetched next), each with its gradient
         total        their sum; allocator slack and the CUDA context come on top.
     """
     dtype, activation_dtype = (getattr(torch, d) if isinstance(d, str) else d for d in (dtype, activation_dtype))
     with torch.device("meta"):
-        shapes = [p.shape for p in GPT(config).parameters()]
+        model = GPT(config)
+    shapes = [p.shape for p in model.parameters()]
     n_params = sum(math.prod(shape) for shape in shapes)
+    n_block = sum(p.numel() for p in model.transformer.h[0].parameters())
     s = torch.empty((), dtype=dtype).element_size()
     a = torch.empty((), dtype=activation_dtype or dtype).element_size()
     states = {"adamw": 2 * s * n_params, "sgd": 0,
@@ -686,12 +693,14 @@ def memory_estimate(config: GPTConfig, micro_batch: int, seq_len: int, dtype=tor
     tokens = micro_batch * seq_len
     saved = L * C + per_layer if grad_checkpointing else L * per_layer
     estimate = {
-        "parameters": n_params * s // n_shards + (n_params * a if a < s else 0),
+        "parameters": n_params * s // n_shards + (n_params * a if a < s and n_shards == 1 else 0),
         "gradients": n_params * s // n_shards,
         "optimizer": states[optimizer] // n_shards,
         "reference": n_params * a // n_shards if ref_model_copy else 0,
         "activations": tokens * saved * a + (0 if fused else tokens * config.vocab_size * 12),
     }
+    if n_shards > 1:
+        estimate["gathered"] = 2 * (n_params - L * n_block + 2 * n_block) * a
     estimate["total"] = sum(estimate.values())
     return estimate
 

@@ -141,8 +141,8 @@ def plot_weights(path: Path, jobs: dict) -> None:
             epochs = [r["epoch"] for r in ok]
             axes[0].plot(epochs, [r["train_W_mean"] for r in ok], "-o", ms=3, color=color, alpha=0.6, label=name if k == 0 else None)
             axes[1].plot(epochs, [r["train_r_mean"] for r in ok], "-o", ms=3, color=color, alpha=0.6)
-    axes[0].set_ylabel("mean W = 2 sigmoid(beta r) over the epoch (GA: 1)")
-    axes[1].set_ylabel("mean log-ratio r = log pi - log pi_ref (forget)")
+    axes[0].set_ylabel("mean W = 2 sigmoid(beta r) (GA: 1)")
+    axes[1].set_ylabel("mean r = log pi - log pi_ref, forget answers")
     axes[1].set_yscale("symlog")
     for ax in axes:
         ax.set_xlabel("epoch")

@@ -6,6 +6,7 @@ seed -> TOFU metrics after every epoch -> the Forget Quality / Model Utility fro
     python train_tofu.py --data-dir DIR --model FULL_DIR --retain-model RETAIN_DIR   # a real LLM
     python train_tofu.py --data-dir DIR --base-model PRETRAINED_DIR       # fine-tune target/retain first
     python train_tofu.py --model DIR --dry-run                            # memory estimate only
+    torchrun --nproc_per_node 4 train_tofu.py --device cuda ...           # 4 GPUs: DDP or FSDP2 (--parallel)
 
 Without --model, the target and retain models are trained here: the built-in GPT from scratch
 (or --base-model) fine-tuned on `full` (target) and on `retainYY` (retain model). Every stage
@@ -16,8 +17,11 @@ Hugging Face directory (unlearn/<method>/seed<k>/model).
 """
 
 import argparse
+import contextlib
+import datetime
 import json
 import math
+import operator
 import os
 import re
 import signal
@@ -28,17 +32,30 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 import data
 import eval as tofu_eval
 import npo
 import model as models
 import report
+import tofu_style
 from tofu_style import write_tofu_style_dataset
 
 
-def option(default, help, **kwargs):
-    return field(default=default, metadata={"help": help, **kwargs})
+def option(default, help, **checks):
+    """A config field: its --help, and what validate() checks: choices, and bounds as operator
+    names (ge=1: the value must be >= 1; gt: >; le: <=)."""
+    return field(default=default, metadata={"help": help, **checks})
+
+
+# the built-in data's authors: every first name with every surname
+MAX_AUTHORS = len(tofu_style._FIRST_NAMES) * len(tofu_style._SURNAMES)
 
 
 @dataclass
@@ -46,58 +63,59 @@ class Config:
     # data
     data_dir: str | None = option(None, "directory of TOFU's .json files (else $TOFU_DATA_DIR, else the built-in TOFU-style data)")
     split: str = option("forget10", "forget split, forget01 ... forget90")
-    n_authors: int = option(40, "authors in the built-in data (TOFU has 200)")
-    data_seed: int = option(0, "seed of the built-in data")
+    n_authors: int = option(40, "authors in the built-in data (TOFU has 200)", ge=10, le=MAX_AUTHORS)
+    data_seed: int = option(0, "seed of the built-in data", ge=0)
     # models: Hugging Face directories, or the built-in GPT trained here
     model: str | None = option(None, "fine-tuned target model (Hugging Face directory); skips base and target training")
     retain_model: str | None = option(None, "retain model directory, for Forget Quality (default: trained here)")
     retain_logs: str | None = option(None, "the retain model's TOFU-format eval logs, instead of --retain-model")
     base_model: str | None = option(None, "pretrained model directory to fine-tune into the target and retain models")
-    prompt_format: str | None = option(None, "qa | llama2 | phi | llama3-chat (default: from the model)")
-    vocab_size: int = option(2048, "built-in GPT: BPE vocabulary size")
-    n_layer: int = option(2, "built-in GPT: layers")
-    n_head: int = option(4, "built-in GPT: attention heads")
-    n_embd: int = option(128, "built-in GPT: width")
-    block_size: int = option(256, "built-in GPT: longest sequence")
-    base_epochs: int = option(60, "built-in GPT: epochs on real_authors + world_facts")
-    base_lr: float = option(3e-3, "built-in GPT: learning rate of base training")
-    finetune_epochs: int | None = option(None, "epochs of target/retain fine-tuning (TOFU: 5; built-in GPT: 30)")
-    finetune_lr: float | None = option(None, "fine-tuning learning rate (TOFU: 1e-5; built-in GPT: 3e-3)")
+    prompt_format: str | None = option(None, "prompt format (default: from the model)", choices=tuple(data.PROMPT_FORMATS))
+    vocab_size: int = option(2048, "built-in GPT: BPE vocabulary size (256 bytes + end of text + merges)", ge=257)
+    n_layer: int = option(2, "built-in GPT: layers", ge=1)
+    n_head: int = option(4, "built-in GPT: attention heads", ge=1)
+    n_embd: int = option(128, "built-in GPT: width", ge=1)
+    block_size: int = option(256, "built-in GPT: longest sequence", ge=1)
+    base_epochs: int = option(60, "built-in GPT: epochs on real_authors + world_facts", ge=0)
+    base_lr: float = option(3e-3, "built-in GPT: learning rate of base training", gt=0)
+    finetune_epochs: int | None = option(None, "epochs of target/retain fine-tuning (TOFU: 5; built-in GPT: 30)", ge=0)
+    finetune_lr: float | None = option(None, "fine-tuning learning rate (TOFU: 1e-5; built-in GPT: 3e-3)", gt=0)
     mix_base: bool = option(True, "built-in GPT: keep the base QA pairs in every fine-tuning epoch")
     # unlearning
     methods: str = option("ga,ga_rt,ga_kl,npo,npo_rt,npo_kl", "comma-separated methods, from npo.METHODS (also idk, dpo, dpo_rt, dpo_kl, simnpo, simnpo_rt)")
-    seeds: int = option(3, "unlearning seeds per method: seed, seed + 1, ...")
-    epochs: int = option(10, "unlearning epochs")
-    lr: float | None = option(None, "peak unlearning learning rate (authors: 1e-5; built-in GPT: 2e-3)")
-    batch_size: int = option(32, "examples per optimizer step (the authors' 4 x 4 x 2 GPUs)")
-    micro_batch_size: int | None = option(None, "examples per forward pass; loss averaged over micro-batches (default: batch size on CPU, 4 on CUDA)")
-    beta: float = option(0.1, "inverse temperature of NPO, DPO and SimNPO")
-    delta: float = option(0.0, "SimNPO's margin")
-    forget_coef: float = option(1.0, "weight of the forget term")
-    retain_coef: float = option(1.0, "weight of the retain term (RT or KL)")
+    seeds: int = option(3, "unlearning seeds per method: seed, seed + 1, ...", ge=1)
+    epochs: int = option(10, "unlearning epochs", ge=1)
+    lr: float | None = option(None, "peak unlearning learning rate (authors: 1e-5; built-in GPT: 2e-3)", gt=0)
+    batch_size: int = option(32, "examples per optimizer step (the authors' 4 x 4 x 2 GPUs)", ge=1)
+    micro_batch_size: int | None = option(None, "examples per forward pass; loss averaged over micro-batches (default: batch size on CPU, 4 on CUDA, or 2 or 1 where 4 does not divide it)", ge=1)
+    beta: float = option(0.1, "inverse temperature of NPO, DPO and SimNPO", gt=0)
+    delta: float = option(0.0, "SimNPO's margin", ge=0)
+    forget_coef: float = option(1.0, "weight of the forget term", ge=0)
+    retain_coef: float = option(1.0, "weight of the retain term (RT or KL)", ge=0)
     kl_positions: str = option("answer", "KL term over 'answer' tokens, or 'all' positions of the padded batch (the authors' code)", choices=("answer", "all"))
-    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and norms, as HF's Trainer)")
+    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and norms, as HF's Trainer)", ge=0)
     # evaluation
-    ds_size: int = option(300, "rows of each evaluation split (TOFU: 300)")
-    eval_batch_size: int = option(128, "sequences per evaluation batch")
-    max_new_tokens: int | None = option(None, "generation length for ROUGE (default: TOFU's bound, 200 tokens with the prompt; built-in GPT: the longest evaluated answer)")
+    ds_size: int = option(300, "rows of each evaluation split (TOFU: 300)", ge=1)
+    eval_batch_size: int = option(128, "sequences per evaluation batch", ge=1)
+    max_new_tokens: int | None = option(None, "generation length for ROUGE (default: TOFU's bound, 200 tokens with the prompt; built-in GPT: the longest evaluated answer)", ge=1)
     # system
-    seed: int = option(0, "first unlearning seed, and the seed of base training and fine-tuning")
-    device: str = option("cpu", "cpu or cuda")
+    seed: int = option(0, "first unlearning seed, and the seed of base training and fine-tuning", ge=0, le=2**63 - 1)
+    device: str = option("cpu", "cpu, cuda or cuda:N")
     dtype: str = option("float32", "weights: float32, or bfloat16 (bf16 weights and optimizer state)", choices=("float32", "bfloat16"))
     optimizer: str = option("adamw", "adamw, or adafactor (factored second moments: an 8B model fits 80 GB)", choices=("adamw", "adafactor"))
     grad_checkpointing: bool = option(False, "recompute each block in backward (less activation memory)")
     logprob: str = option("plain", "plain (logits) or fused (answer positions only, chunked; for large vocabularies)", choices=("plain", "fused"))
-    threads: int = option(1, "torch CPU threads per process (results are pinned to it)")
-    workers: int = option(2, "processes running jobs (seeds, methods, target/retain) side by side; 1 on CUDA")
+    threads: int = option(1, "torch CPU threads per process (results are pinned to it)", ge=1)
+    workers: int = option(2, "processes running jobs (seeds, methods, target/retain) side by side; 1 on CUDA", ge=1)
+    parallel: str = option("auto", "under torchrun: ddp (a model copy per process), fsdp (FSDP2: weights, gradients and optimizer state sharded), or auto (ddp where --dry-run's estimate fits a GPU)", choices=("auto", "ddp", "fsdp"))
     out_dir: str = option("out/tofu", "output root")
-    run_name: str | None = option(None, "run directory name (default: from the data and split)")
+    run_name: str | None = option(None, "run directory name, inside --out-dir (default: from the data and split)")
     dry_run: bool = option(False, "print the memory estimate for the chosen model and batch, then stop")
 
 
 # Options that only choose WHICH jobs run; every other option changes results, so a run directory
 # refuses a configuration that differs in any of them.
-SCOPE_OPTIONS = {"methods", "seeds", "workers", "out_dir", "run_name", "dry_run", "eval_batch_size"}
+SCOPE_OPTIONS = {"methods", "seeds", "workers", "parallel", "out_dir", "run_name", "dry_run", "eval_batch_size"}
 BUILTIN = dict(finetune_epochs=30, finetune_lr=3e-3, lr=2e-3)  # the built-in GPT's recipe
 HF = dict(finetune_epochs=5, finetune_lr=1e-5, lr=1e-5)  # TOFU's and the NPO authors' recipe
 
@@ -119,15 +137,19 @@ def parse_args(argv=None) -> Config:
     for key, value in (HF if cfg.model or cfg.base_model else BUILTIN).items():
         setattr(cfg, key, value if getattr(cfg, key) is None else getattr(cfg, key))
     if cfg.micro_batch_size is None:
-        cfg.micro_batch_size = 4 if cfg.device.startswith("cuda") else cfg.batch_size
+        cfg.micro_batch_size = math.gcd(4, cfg.batch_size) if cfg.device.startswith("cuda") else cfg.batch_size
     problems = validate(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return cfg
 
 
+BOUNDS = {"ge": ">=", "gt": ">", "le": "<="}  # option()'s bounds: operator name -> symbol
+
+
 def validate(cfg: Config) -> list[str]:
-    """Every problem of the configuration, before any work starts."""
+    """Every problem of the configuration, before any work starts: each option against its bounds
+    and choices, then the options against each other, the paths, and the data files they name."""
     problems = []
 
     def need(ok, message):
@@ -135,39 +157,66 @@ def validate(cfg: Config) -> list[str]:
             problems.append(message)
 
     for f in fields(Config):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float):
-            need(math.isfinite(value), f"--{f.name.replace('_', '-')} {value}: must be a finite number")
-    for name in ("n_authors", "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "seeds", "epochs",
-                 "batch_size", "micro_batch_size", "ds_size", "eval_batch_size", "threads", "workers"):
-        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
-    need(cfg.max_new_tokens is None or cfg.max_new_tokens >= 1, f"--max-new-tokens {cfg.max_new_tokens}: must be >= 1")
-    for name in ("base_epochs", "finetune_epochs", "weight_decay", "forget_coef", "retain_coef", "delta"):
-        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0")
-    for name in ("beta", "lr", "base_lr", "finetune_lr"):
-        need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be > 0")
-    need(cfg.n_embd % cfg.n_head == 0, f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
-    need(cfg.vocab_size >= 257, f"--vocab-size {cfg.vocab_size}: must be >= 257 (256 bytes + end of text)")
-    need(cfg.batch_size % cfg.micro_batch_size == 0,
+        value, flag, checks = getattr(cfg, f.name), "--" + f.name.replace("_", "-"), f.metadata
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{flag} {value}: must be a finite number")
+        elif value is not None:
+            problems += [f"{flag} {value}: must be {symbol} {checks[op]}" for op, symbol in BOUNDS.items()
+                         if op in checks and not getattr(operator, op)(value, checks[op])]
+            if "choices" in checks:
+                need(value in checks["choices"], f"{flag} {value!r}: expected one of {', '.join(checks['choices'])}")
+    need(cfg.n_head < 1 or cfg.n_embd % cfg.n_head == 0, f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
+    need(cfg.micro_batch_size < 1 or cfg.batch_size % cfg.micro_batch_size == 0,
          f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
-    need(re.fullmatch(r"forget(0[1-9]|[1-9]\d)", cfg.split), f"--split {cfg.split!r}: expected forgetXX, e.g. forget10")
+    split_ok = re.fullmatch(r"forget(0[1-9]|[1-9]\d)", cfg.split)
+    need(split_ok, f"--split {cfg.split!r}: expected forgetXX, e.g. forget10")
+    need(not split_ok or cfg.data_dir or int(cfg.split[6:]) in tofu_style.FORGET_PERCENTS,
+         f"--split {cfg.split}: the built-in data has {', '.join(f'forget{p:02d}' for p in tofu_style.FORGET_PERCENTS)}")
     for name in methods_of(cfg):
         need(name in npo.METHODS, f"--methods: unknown method {name!r}; valid: {', '.join(npo.METHODS)}")
     need(bool(methods_of(cfg)), "--methods: no method given")
-    need(cfg.prompt_format in (None, *data.PROMPT_FORMATS), f"--prompt-format {cfg.prompt_format!r}: expected one of {', '.join(data.PROMPT_FORMATS)}")
     need(not (cfg.retain_model and cfg.retain_logs), "--retain-model and --retain-logs: give one, not both")
     need(not (cfg.model and cfg.base_model), "--model and --base-model: give one, not both")
     need(not (cfg.model and not (cfg.retain_model or cfg.retain_logs)) or cfg.dry_run,
          "--model needs --retain-model or --retain-logs (Forget Quality compares with the retain model)")
-    need(cfg.device in ("cpu", "cuda") or cfg.device.startswith("cuda:"), f"--device {cfg.device!r}: expected cpu or cuda")
-    need(not cfg.device.startswith("cuda") or torch.cuda.is_available(), f"--device {cfg.device}: CUDA is not available here")
-    for name in ("data_dir", "model", "retain_model", "base_model", "retain_logs"):
+    need(not (cfg.model or cfg.base_model) or cfg.data_dir or cfg.dry_run,
+         f"--{'model' if cfg.model else 'base-model'} (a Hugging Face model) needs TOFU's files: --data-dir")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
+        problems.append(f"--device {cfg.device!r}: expected cpu, cuda or cuda:N")
+    elif cfg.device != "cpu" and int(cfg.device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        problems.append(f"--device {cfg.device}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    # paths, as they will be used: model directories, logs that read, the data's files, a writable output
+    for name in ("model", "retain_model", "base_model"):
         path = getattr(cfg, name)
-        need(path is None or Path(path).is_dir(), f"--{name.replace('_', '-')} {path}: not a directory")
-    out = Path(cfg.out_dir)
-    existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    need(existing.is_dir() and os.access(existing, os.W_OK), f"--out-dir {cfg.out_dir}: {existing} is not a writable directory")
-    need((cfg.model or cfg.base_model) is None or cfg.data_dir is not None, "a Hugging Face model needs TOFU's files: --data-dir")
+        need(path is None or (Path(path) / "config.json").is_file(), f"--{name.replace('_', '-')} {path}: not a model directory (no config.json)")
+    retain = None
+    if cfg.retain_logs:
+        try:
+            retain = tofu_eval.read_logs(cfg.retain_logs, (tofu_eval.FORGET_STEM,))[tofu_eval.FORGET_STEM]
+            retain_rows = tofu_eval.log_rows(retain, cfg.retain_logs)
+        except ValueError as e:
+            problems.append(f"--retain-logs: {e}")
+            retain = None
+    need(cfg.data_dir is None or Path(cfg.data_dir).is_dir(), f"--data-dir {cfg.data_dir}: not a directory")
+    if split_ok and cfg.data_dir and Path(cfg.data_dir).is_dir():
+        run = Run(cfg)
+        missing = [f"{s}.json" for s in dict.fromkeys(data_splits(run)) if not (run.data_dir / f"{s}.json").is_file()]
+        missing += [] if (run.data_dir / data.IDK_FILE).is_file() else [data.IDK_FILE]
+        need(not missing, f"--data-dir {cfg.data_dir}: no {', '.join(missing)} (for --split {cfg.split})")
+        if retain is not None and not missing:  # Forget Quality compares the same questions
+            split = tofu_eval.default_eval_forget_split(run.data_dir, cfg.split)
+            try:
+                n = len(data.load_split(run.data_dir, split)[:cfg.ds_size])
+                need(retain_rows == list(range(n)) and retain.get("split", split) == split,
+                     f"--retain-logs: {cfg.retain_logs} holds {len(retain_rows)} rows of {retain.get('split', 'an unrecorded split')}; "
+                     f"this run evaluates {n} rows of {split} (--ds-size {cfg.ds_size})")
+            except data.DataError as e:
+                problems.append(f"--data-dir: {e}")
+    need(not cfg.run_name or Path(cfg.run_name).name == cfg.run_name != "..", f"--run-name {cfg.run_name!r}: expected a directory name, not a path")
+    run_dir = Path(cfg.out_dir) / (cfg.run_name or "")
+    existing = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path("."))
+    flag = f"--run-name {cfg.run_name}" if cfg.run_name and existing == run_dir else f"--out-dir {cfg.out_dir}"
+    need(existing.is_dir() and os.access(existing, os.W_OK), f"{flag}: {existing} is not a writable directory")
     return problems
 
 
@@ -178,7 +227,8 @@ def methods_of(cfg: Config) -> list[str]:
 # ----------------------------------------------------------------------------- small utilities
 
 def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    if is_main():  # --- distributed: rank 0 speaks for all
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def write_json(path: Path, obj) -> None:
@@ -259,12 +309,16 @@ def train(net, loss_fn, n_examples: int, *, epochs: int, lr: float, cfg: Config,
     same whether or not the run resumed), cut into batches of cfg.batch_size, each the mean of its
     micro-batches' losses (as HF's gradient accumulation). Gradients are clipped at norm 1 (HF's
     default). Returns "ok", or "diverged (...)" when a loss or a weight becomes non-finite.
+    Under torchrun each process runs its share of every step's micro-batches, as many calls on each.
     """
     optimizer = optimizer or make_optimizer(net, lr, cfg)
     generator = torch.Generator().manual_seed(seed)
     orders = [torch.randperm(n_examples, generator=generator).tolist() for _ in range(epochs)]
     steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
     total_steps, t0 = epochs * steps_per_epoch, time.time()
+    cuda = cfg.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # the peak each epoch reports: training's, to set against --dry-run
     for epoch in range(start_epoch, epochs):
         net.train()
         sums, n_micro = {}, 0
@@ -274,22 +328,26 @@ def train(net, loss_fn, n_examples: int, *, epochs: int, lr: float, cfg: Config,
             batch = orders[epoch][step * cfg.batch_size:(step + 1) * cfg.batch_size]
             micro_batches = [batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)]
             optimizer.zero_grad(set_to_none=True)
-            for idx in micro_batches:
-                with autocast(cfg):
-                    loss, stats = loss_fn(idx)
-                if not math.isfinite(stats["loss"]):
-                    return f"diverged (non-finite loss at epoch {epoch + 1}, step {step + 1})"
-                (loss / len(micro_batches)).backward()
-                sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
-                n_micro += 1
+            share = tofu_eval.rank_share(micro_batches)  # --- distributed: as many on every process
+            for call, (idx, mine) in enumerate(share):
+                with skip_gradient_sync(net, call < len(share) - 1):  # --- distributed
+                    with autocast(cfg):
+                        loss, stats = loss_fn(idx)
+                    if any_process(not math.isfinite(stats["loss"])):  # --- distributed: all stop together
+                        return f"diverged (non-finite loss at epoch {epoch + 1}, step {step + 1})"
+                    # --- distributed: DDP and FSDP average over processes; a stand-in weighs 0
+                    (loss * (world_size() * mine) / len(micro_batches)).backward()
+                sums = {k: sums.get(k, 0.0) + mine * v for k, v in stats.items()}
+                n_micro += mine
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             optimizer.step()
-        if not all(torch.isfinite(p).all() for p in net.parameters()):
+        if any_process(not all(torch.isfinite(local_tensor(p)).all() for p in net.parameters())):
             return f"diverged (non-finite weights in epoch {epoch + 1})"
-        means = {k: v / n_micro for k, v in sums.items()}
+        n_micro, *totals = all_sum(torch.tensor([n_micro, *sums.values()], dtype=torch.float64)).tolist()  # --- distributed
+        means = {k: v / n_micro for k, v in zip(sums, totals)}
         eta = (time.time() - t0) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
         log(f"[{tag}] epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
-            + f" | {time.time() - t0:.0f}s, eta {eta:.0f}s")
+            + f" | {time.time() - t0:.0f}s, eta {eta:.0f}s" + (f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""))
         if on_epoch_end is not None:
             on_epoch_end(epoch, means, optimizer)
     return "ok"
@@ -324,9 +382,14 @@ class Pairs:
     @torch.no_grad()
     def reference(self, net, cfg: Config) -> torch.Tensor:
         net.eval()
-        batches = [self.batch(range(s, min(s + cfg.eval_batch_size, len(self)))) for s in range(0, len(self), cfg.eval_batch_size)]
+        share = tofu_eval.rank_share([range(s, min(s + cfg.eval_batch_size, len(self))) for s in range(0, len(self), cfg.eval_batch_size)])
         with autocast(cfg):
-            return npo.precompute_ref_logprobs(lambda ids, lab: models.answer_logprob(net, ids, lab, cfg.logprob == "fused"), batches).cpu()
+            computed = npo.precompute_ref_logprobs(lambda ids, lab: models.answer_logprob(net, ids, lab, cfg.logprob == "fused"),
+                                                   [self.batch(idx) for idx, _ in share]).cpu()
+        # --- distributed: each value from the process that computed it, zeros elsewhere; summed
+        logp, positions = torch.zeros(len(self)), [i for idx, mine in share if mine for i in idx]
+        logp[positions] = computed[:len(positions)]
+        return all_sum(logp)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -341,7 +404,7 @@ def finished(path: Path, load=lambda path: None) -> bool:
         return True
     except (ValueError, OSError, RuntimeError, KeyError, TypeError) as e:
         log(f"warning: {path} cannot be loaded ({type(e).__name__}: {str(e)[:100]}); rebuilding it")
-        (path / "done.json").unlink()
+        (path / "done.json").unlink(missing_ok=True)  # --- distributed: every process may get here
         return False
 
 
@@ -351,9 +414,12 @@ def load_model_dir(path: Path) -> None:
 
 
 def finish_stage(path: Path, net, tok, info: dict) -> None:
-    models.save_pretrained(net, path)
-    tok.save(path)
-    write_json(path / "done.json", info)
+    whole = whole_model(net)  # --- distributed: on rank 0, None elsewhere
+    if whole is not None:
+        models.save_pretrained(whole, path)
+        tok.save(path)
+        write_json(path / "done.json", info)
+    barrier()  # --- distributed: written before any process looks
 
 
 def prepare_data(run: Run):
@@ -374,11 +440,16 @@ def prepare_data(run: Run):
             tok.save(tokenizer_dir)
             write_json(tokenizer_dir / "done.json", {"vocab_size": tok.n_vocab})
         tok, fmt, limit = data.load_tokenizer(tokenizer_dir), data.PROMPT_FORMATS["qa"], cfg.block_size
+    # every pair trained on, and every answer, paraphrase and perturbed answer scored, must fit
+    splits = tofu_eval.eval_splits(tofu_eval.default_eval_forget_split(run.data_dir, cfg.split))
     for split in data_splits(run):
-        Pairs(tok, fmt, data.load_split(run.data_dir, split), cfg, limit, f"{run.data_dir}/{split}.json")
+        rows = data.load_split(run.data_dir, split)
+        if split in {s.data_split for s in splits}:
+            rows = [{"question": r["question"], "answer": a} for r in rows[:cfg.ds_size]
+                    for a in (r["answer"], r.get("paraphrased_answer"), *r["perturbed_answer"]) if a]
+        Pairs(tok, fmt, rows, cfg, limit, f"{'' if model_dir else f'--block-size {limit}: '}{run.data_dir}/{split}.json")
     if cfg.max_new_tokens is None and not model_dir:
         # a faithful answer ends by then, and a degenerate one need not run to TOFU's bound
-        splits = tofu_eval.eval_splits(tofu_eval.default_eval_forget_split(run.data_dir, cfg.split))
         cfg.max_new_tokens = 1 + max(len(tok.encode(" " + row["answer"])) for split in splits
                                      for row in data.load_split(run.data_dir, split.data_split)[:cfg.ds_size])
     return tok, fmt
@@ -397,8 +468,8 @@ def build_target_and_retain(run: Run, tok, workers: int) -> None:
     if not cfg.base_model and not finished(base, load_model_dir):
         t0 = time.time()
         torch.manual_seed(cfg.seed)
-        net = models.GPT(models.GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                                          n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device)
+        net = distribute(models.GPT(models.GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                                                     n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device), cfg)
         pairs = Pairs(tok, data.PROMPT_FORMATS["qa"], base_rows(run.data_dir), cfg, None, "")
         log(f"stage base: {net.num_params() / 1e6:.2f}M-parameter GPT from scratch on {len(pairs)} pairs")
         status = train(net, lambda idx: nll_loss(net, pairs, idx, cfg), len(pairs), epochs=cfg.base_epochs,
@@ -423,7 +494,7 @@ def finetune_job(cfg: Config, base_dir: str, which: str, split: str) -> None:
     setup_process(cfg)
     run = Run(cfg)
     t0 = time.time()
-    net = run.load(base_dir)
+    net = distribute(run.load(base_dir), cfg)
     tok, fmt = run.tokenizer(base_dir)
     rows = data.load_split(run.data_dir, split)
     if not cfg.base_model and cfg.mix_base:  # a tiny model otherwise overwrites what it knew
@@ -450,9 +521,10 @@ def eval_job(cfg: Config, model_dir: str, which: str) -> None:
     net = run.load(model_dir)
     tok, fmt = run.tokenizer(model_dir)
     t0 = time.time()
-    logs = evaluate(run, net, tok, fmt)
-    tofu_eval.write_logs(run.dir / "eval" / which, logs)
-    write_json(run.dir / "eval" / which / "done.json", {"model": model_dir, "seconds": time.time() - t0})
+    logs = evaluate(run, net, tok, fmt)  # --- distributed: each process a share, the whole gathered
+    if is_main():
+        tofu_eval.write_logs(run.dir / "eval" / which, logs)
+        write_json(run.dir / "eval" / which / "done.json", {"model": model_dir, "seconds": time.time() - t0})
     log(f"stage eval {which}: {time.time() - t0:.1f}s")
 
 
@@ -469,10 +541,12 @@ def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
         return
     method = npo.get_method(name)
     method = npo.Method(method.forget, method.retain, cfg.forget_coef, cfg.retain_coef)
-    net = run.load(target_dir)
+    net = distribute(run.load(target_dir), cfg)
+    # --- distributed: before any forward, after which FSDP keeps the root's parameters gathered
+    optimizer = make_optimizer(net, cfg.lr, cfg)
     tok, fmt = run.tokenizer(target_dir)
     # pi_ref as a model only where a term needs it on changing batches (KL); frozen, in cfg.dtype
-    ref_model = run.load(target_dir).eval().requires_grad_(False) if method.needs_ref_model else None
+    ref_model = distribute(run.load(target_dir).eval().requires_grad_(False), cfg, frozen=True) if method.needs_ref_model else None
     retain_logs = tofu_eval.read_logs(Path(cfg.retain_logs) if cfg.retain_logs else run.dir / "eval" / "retain",
                                       (tofu_eval.FORGET_STEM,))
     forget_rows = data.load_split(run.data_dir, cfg.split)
@@ -499,31 +573,40 @@ def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
             idk=idk.scores(net, idx, cfg, idk_ref) if method.needs_idk else None,
             beta=cfg.beta, delta=cfg.delta)
 
-    optimizer = make_optimizer(net, cfg.lr, cfg)
-    start_epoch, seconds = resume(out, net, optimizer)
+    resumed = resume(out, net, optimizer)
+    if resumed is None:
+        return unlearn_job(cfg, target_dir, name, seed)
+    start_epoch, seconds = resumed
     t0 = time.time() - seconds
 
     def on_epoch_end(epoch, train_stats, optimizer):
         logs = evaluate(run, net, tok, fmt, ref=ref_model)
+        # the whole model and optimizer state, keyed by parameter name, the same from one process,
+        # DDP or FSDP (on rank 0, sharded ones gathered; empty elsewhere)
+        model_state, optimizer_state = get_state_dict(resharded(net), optimizer, options=WHOLE_STATE)
+        if not is_main():  # --- distributed: rank 0 writes
+            return
         record = {"method": name, "seed": seed, "epoch": epoch + 1, "status": "ok",
                   **{f"train_{k}": v for k, v in train_stats.items()},
                   **tofu_eval.aggregate(logs, retain_logs), "seconds": time.time() - t0}
         tofu_eval.write_logs(out / "logs", logs)
         write_json(out / f"epoch_{epoch + 1:03d}.json", record)
         data.write_atomic(out / "state.pt", lambda path: torch.save(
-            {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-             "seconds": time.time() - t0}, path))
+            {"model": model_state, "optimizer": optimizer_state, "epoch": epoch + 1, "seconds": time.time() - t0}, path))
         log(f"[{name} seed {seed}] epoch {epoch + 1}: Forget Quality {record['Forget Quality']:.3g}, "
             f"Model Utility {record['Model Utility']:.3f}, W mean {train_stats.get('W_mean', float('nan')):.3f}")
 
     status = train(net, loss_fn, len(forget), epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, seed=seed,
                    tag=f"{name} seed {seed}", start_epoch=start_epoch, optimizer=optimizer, on_epoch_end=on_epoch_end)
+    whole = whole_model(net) if status == "ok" else None  # --- distributed: on rank 0, None elsewhere
+    if not is_main():  # --- distributed: rank 0 writes
+        return
     if status != "ok":
         log(f"[{name} seed {seed}] {status}")
         epoch = len(list(out.glob("epoch_*.json"))) + 1
         write_json(out / f"epoch_{epoch:03d}.json", {"method": name, "seed": seed, "epoch": epoch, "status": status})
     else:
-        models.save_pretrained(net, out / "model")
+        models.save_pretrained(whole, out / "model")
         tok.save(out / "model")
     write_json(out / "done.json", {"status": status, "epochs": len(list(out.glob("epoch_*.json"))), "seconds": time.time() - t0})
     (out / "state.pt").unlink(missing_ok=True)  # the model is kept in out/model; the optimizer state is not needed
@@ -541,29 +624,35 @@ def check_job_records(out: Path) -> None:
             raise ValueError(f"the record of epoch {k} is missing")
 
 
-def resume(out: Path, net, optimizer) -> tuple[int, float]:
-    """(epochs done, seconds spent) from out/state.pt; (0, 0) for a fresh start. A state that fails
-    to load, or whose epoch records are missing, is discarded with a warning: the job restarts."""
+def resume(out: Path, net, optimizer) -> tuple[int, float] | None:
+    """(epochs done, seconds spent) from out/state.pt into net and optimizer; (0, 0) for a fresh
+    start. A state that fails to load, or whose epoch records are missing, is deleted with a
+    warning, and None returned: the job restarts (net may hold part of it)."""
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / "state.pt").exists():
-        for stale in out.glob("epoch_*.json"):  # records of a killed first epoch-to-state window
-            stale.unlink()
-        return 0, 0.0
-    try:
-        state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, seconds = int(state["epoch"]), float(state["seconds"])
-        if any(read_json(out / f"epoch_{k:03d}.json") is None for k in range(1, epoch + 1)):
-            raise ValueError("an epoch record is missing or unreadable")
-    except Exception as e:  # truncated or foreign file: never trust it, never crash on it
-        log(f"warning: {out / 'state.pt'} cannot be resumed ({type(e).__name__}: {str(e)[:80]}); restarting this job")
-        (out / "state.pt").unlink()
-        return resume(out, net, optimizer)
-    for stale in out.glob("epoch_*.json"):
-        if int(stale.stem[6:]) > epoch:  # written after the last state: redone, identically
-            stale.unlink()
-    log(f"{out}: resuming after epoch {epoch}")
+    epoch, seconds, discard = 0, 0.0, False
+    if (out / "state.pt").exists():
+        try:
+            state = torch.load(out / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+            epoch, seconds = int(state["epoch"]), float(state["seconds"])
+            if any(read_json(out / f"epoch_{k:03d}.json") is None for k in range(1, epoch + 1)):
+                raise ValueError("an epoch record is missing or unreadable")
+            # each process takes its part of the whole state (its shard under FSDP)
+            set_state_dict(resharded(net), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        except Exception as e:  # truncated or foreign file: never trust it, never crash on it
+            log(f"warning: {out / 'state.pt'} cannot be resumed ({type(e).__name__}: {str(e)[:80]}); restarting this job")
+            discard = True
+    barrier()  # --- distributed: every process has read the files before rank 0 changes them
+    if discard:
+        if is_main():
+            (out / "state.pt").unlink()
+        return None
+    if is_main():
+        for stale in out.glob("epoch_*.json"):
+            if int(stale.stem[6:]) > epoch:  # written after the last state (or a killed first epoch): redone, identically
+                stale.unlink()
+    if epoch:
+        log(f"{out}: resuming after epoch {epoch}")
     return epoch, seconds
 
 
@@ -579,6 +668,7 @@ def parallel(fn, jobs: list[tuple], workers: int) -> None:
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             fn(*job)
+            barrier()  # --- distributed: a job's files are written before any process reads them
         return
     import multiprocessing
     pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=signal.signal,
@@ -591,6 +681,154 @@ def parallel(fn, jobs: list[tuple], workers: int) -> None:
         pool.join()
 
 
+# ----------------------------------------------------------------------------- several processes: torchrun
+# `torchrun --nproc_per_node N train_tofu.py ...` starts N copies of this program, one per GPU (on
+# CPU: processes talking through gloo). They go through every stage together, on the same files:
+# each computes a share (micro-batches of a step, batches of the reference log-probs and of each
+# evaluation), the results are summed or gathered, and rank 0 alone writes files and prints. The
+# lines doing so are marked "--- distributed"; in a single process every helper here is a no-op.
+
+WHOLE_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, on rank 0's CPU
+
+
+def init_distributed(cfg: Config) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return
+    if cfg.device.startswith("cuda"):
+        if cfg.device != "cuda":
+            raise ConfigError(f"--device {cfg.device}: under torchrun give --device cuda (each process takes its own GPU)")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this process's GPU
+    # NCCL for the model's tensors, gloo for a few small CPU ones; a long timeout, as the others
+    # wait while rank 0 alone writes a large model's state
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cfg.device == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+    if parallel_mode(cfg) == "fsdp" and cfg.optimizer == "adafactor":
+        raise ConfigError(f"--optimizer adafactor: torch {torch.__version__}'s Adafactor cannot step FSDP's sharded "
+                          "parameters; use --optimizer adamw with FSDP")
+    log(f"{dist.get_world_size()} processes, {parallel_mode(cfg)}")
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """The CPU tensor t summed over the processes, in place."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def any_process(flag: bool) -> bool:
+    return bool(all_sum(torch.tensor([float(flag)])).item())
+
+
+def rank0_first(fn, *args):
+    """fn(*args) on rank 0, then on the other processes, which find what it wrote."""
+    if not is_main():
+        barrier()
+    result = fn(*args)
+    if is_main():
+        barrier()
+    return result
+
+
+def model_config(cfg: Config) -> models.GPTConfig:
+    model_dir = cfg.model or cfg.base_model
+    return models.load_config(model_dir) if model_dir else models.GPTConfig(
+        vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+
+
+def memory_needed(cfg: Config, n_shards: int = 1) -> dict:
+    """models.memory_estimate for this run, per device: a forget and a retain micro-batch share
+    one backward; TOFU's QA pairs stay under 256 tokens; activations in bf16 on CUDA."""
+    config = model_config(cfg)
+    return models.memory_estimate(
+        config, micro_batch=2 * cfg.micro_batch_size, seq_len=min(256, config.block_size), dtype=cfg.dtype,
+        optimizer=cfg.optimizer, grad_checkpointing=cfg.grad_checkpointing, n_shards=n_shards,
+        ref_model_copy=any(npo.METHODS[m].needs_ref_model for m in methods_of(cfg)), fused=cfg.logprob == "fused",
+        activation_dtype=torch.bfloat16 if cfg.device.startswith("cuda") else None)
+
+
+def parallel_mode(cfg: Config) -> str:
+    """--parallel; auto: ddp where the estimate for one device fits 90% of this GPU (the rest for
+    the CUDA context and the allocator's slack), else fsdp."""
+    if cfg.parallel != "auto":
+        return cfg.parallel
+    fits = not cfg.device.startswith("cuda") or memory_needed(cfg)["total"] < 0.9 * torch.cuda.get_device_properties().total_memory
+    return "ddp" if fits else "fsdp"
+
+
+class DDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP reading the model's attributes through (lm_head, config, generate), so that model.py's and
+    eval.py's functions take it as they take the model."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+def distribute(net, cfg: Config, frozen: bool = False):
+    """The model this process trains with: net itself in a single process; under torchrun, in
+    DDP (a copy per process; a frozen model stays as it is), or sharded by FSDP2: each block, then
+    the rest, gathered in bf16 for compute where autocast() would run (fp32 weights on CUDA)."""
+    if not dist.is_initialized():
+        return net
+    if parallel_mode(cfg) == "ddp":
+        return net if frozen else DDP(net)
+    mixed = cfg.device.startswith("cuda") and cfg.dtype == "float32"  # as autocast()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+    mesh = init_device_mesh("cuda" if cfg.device.startswith("cuda") else "cpu", (world_size(),))
+    for block in net.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(net, mesh=mesh, mp_policy=policy)
+
+
+def skip_gradient_sync(net, skip: bool):
+    """DDP averages gradients in every backward unless told to skip it (FSDP reduce-scatters in
+    each: its gradients stay sharded)."""
+    return net.no_sync() if skip and isinstance(net, DDP) else contextlib.nullcontext()
+
+
+def resharded(net):
+    """net, with FSDP's root parameters sharded again as the state-dict functions need them (a
+    forward without backward leaves them gathered)."""
+    if isinstance(net, FSDPModule):
+        net.reshard()
+    return net
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def whole_model(net):
+    """The whole model on rank 0, to save; None on the others. Every process must call it: FSDP
+    gathers the shards."""
+    if isinstance(net, FSDPModule):
+        state = get_model_state_dict(resharded(net), options=WHOLE_STATE)
+        if not is_main():
+            return None
+        with torch.device("meta"):
+            whole = models.GPT(net.config)
+        whole.load_state_dict(state, assign=True)
+        whole.tie_weights()
+        return whole
+    return (net.module if isinstance(net, DDP) else net) if is_main() else None
+
+
 # ----------------------------------------------------------------------------- main
 
 def run(cfg: Config) -> Path:
@@ -598,21 +836,15 @@ def run(cfg: Config) -> Path:
     setup_process(cfg)
     run = Run(cfg)
     if cfg.dry_run:
-        model_dir = cfg.model or cfg.base_model
-        config = models.load_config(model_dir) if model_dir else models.GPTConfig(
-            vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-        # a forget and a retain micro-batch share one backward; TOFU's QA pairs stay under 256 tokens
-        print(models.format_memory(models.memory_estimate(
-            config, micro_batch=2 * cfg.micro_batch_size, seq_len=min(256, config.block_size), dtype=cfg.dtype,
-            optimizer=cfg.optimizer, grad_checkpointing=cfg.grad_checkpointing, fused=cfg.logprob == "fused",
-            ref_model_copy=any(npo.METHODS[m].needs_ref_model for m in methods_of(cfg)),
-            activation_dtype=torch.bfloat16 if autocast(cfg).fast_dtype == torch.bfloat16 and cfg.device.startswith("cuda") else None)))
+        print(models.format_memory(memory_needed(cfg)))
+        print("FSDP, per GPU: " + ", ".join(f"{n} GPUs {memory_needed(cfg, n)['total'] / 2**30:.2f} GiB" for n in (2, 4, 8)))
         return run.dir
     run.claim()
-    workers = 1 if cfg.device.startswith("cuda") else cfg.workers
+    init_distributed(cfg)  # --- distributed
+    workers = 1 if cfg.device.startswith("cuda") or dist.is_initialized() else cfg.workers
     log(f"run {run.dir}: {cfg.split}, methods {cfg.methods}, seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}, "
         f"{workers} worker(s) x {cfg.threads} thread(s), torch {torch.__version__}")
-    tok, _ = prepare_data(run)
+    tok, _ = rank0_first(prepare_data, run)  # --- distributed: rank 0 makes the data and tokenizer
     if not cfg.model:
         build_target_and_retain(run, tok, workers)
     target_dir = cfg.model or str(run.dir / "target")
@@ -621,7 +853,8 @@ def run(cfg: Config) -> Path:
     parallel(eval_job, [job for job in evals if not finished(run.dir / "eval" / job[2], tofu_eval.read_logs)], workers)
     jobs = [(cfg, target_dir, name, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds) for name in methods_of(cfg)]
     parallel(unlearn_job, jobs, workers)
-    report.write(run, target_dir)
+    if is_main():  # --- distributed
+        report.write(run, target_dir)
     log(f"done in {time.time() - t_start:.0f}s: {run.dir}")
     return run.dir
 
@@ -635,6 +868,9 @@ def main(argv=None) -> int:
     except (ConfigError, data.DataError, models.ModelError, tofu_eval.LogError, OSError) as e:
         print(f"train_tofu.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():  # --- distributed
+            dist.destroy_process_group()
     return 0
 
 
