@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import distributed
 from model import answer_kl, answer_logprob, from_pretrained, load_config
 
 # ----------------------------------------------------------------------------- splits
@@ -541,32 +542,6 @@ def best_forget_quality(records: list[dict], target_mu: float, fraction: float) 
 
 # ----------------------------------------------------------------------------- model evaluation
 
-def rank_share(items: list) -> list[tuple]:
-    """This process's share of items under torchrun, each with whether it is its own: items rank,
-    rank + world, ...; then a stand-in (items[0], its results to drop) where the share is one
-    short, since under FSDP every process must make the same forward calls. One process: every
-    item, its own."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = items[rank::world]
-    return [(item, True) for item in mine] + [(item, False) for item in items[:-(-len(items) // world) - len(mine)]]
-
-
-def gathered(results: dict) -> dict:
-    """Every process's share of results, merged (one process: as it is)."""
-    if not dist.is_initialized():
-        return results
-    shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, results)
-    return {key: value for share in shares for key, value in share.items()}
-
-
-def all_processes_done(done: bool) -> bool:
-    """Whether every process's generation batch is done; all of them ask together."""
-    flag = torch.tensor([float(done)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def evaluate_model(model, tok, fmt, data_dir, forget_split: str, *, eval_forget_split=None,
                    ds_size: int = 300, batch_size: int = 32, max_new_tokens: int | None = None,
                    fused: bool = False, rouge: str = "porter", ref_model=None, stems=None,
@@ -626,7 +601,7 @@ def evaluate_model(model, tok, fmt, data_dir, forget_split: str, *, eval_forget_
         for m in modes:
             m.eval()
         with torch.no_grad():
-            for batch, mine in rank_share([order[s:s + batch_size] for s in range(0, len(order), batch_size)]):
+            for batch, mine in distributed.rank_share([order[s:s + batch_size] for s in range(0, len(order), batch_size)]):
                 ids, labels = (t.to(device) for t in data.collate([pairs[k] for k in batch], tok.pad_id))
                 logp, n_tokens = answer_logprob(model, ids, labels, fused)  # (B,), (B,)
                 forget = [b for b, k in enumerate(batch) if keys[k][0] == FORGET_STEM and keys[k][2] == "gt"]
@@ -642,16 +617,16 @@ def evaluate_model(model, tok, fmt, data_dir, forget_split: str, *, eval_forget_
                         kl[keys[batch[b]][1]] = total / c
             say(f"generating {len(prompts)} answers (at most {new_tokens} new tokens)")
             generated = {}
-            for batch, mine in rank_share([generation_order[s:s + batch_size]
+            for batch, mine in distributed.rank_share([generation_order[s:s + batch_size]
                                            for s in range(0, len(prompts), batch_size)]):
                 new = model.generate([prompts[q] for q in batch], new_tokens, tok.eos_ids, batch_size=len(batch),
-                                     all_done=all_processes_done if dist.is_initialized() else bool)
+                                     all_done=distributed.all_done if dist.is_initialized() else bool)
                 if mine:
                     generated.update(zip(batch, new))
     finally:
         for m, training in modes.items():
             m.train(training)
-    losses, kl, generated = gathered(losses), gathered(kl), gathered(generated)
+    losses, kl, generated = distributed.gathered(losses), distributed.gathered(kl), distributed.gathered(generated)
     texts = {question: tok.decode(generated[q]).strip() for q, question in enumerate(questions)}
 
     # 3) the logs, in TOFU's layout

@@ -17,8 +17,6 @@ Hugging Face directory (unlearn/<method>/seed<k>/model).
 """
 
 import argparse
-import contextlib
-import datetime
 import json
 import math
 import operator
@@ -33,13 +31,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 import data
+import distributed
 import eval as tofu_eval
 import npo
 import model as models
@@ -227,7 +222,7 @@ def methods_of(cfg: Config) -> list[str]:
 # ----------------------------------------------------------------------------- small utilities
 
 def log(message: str) -> None:
-    if is_main():  # --- distributed: rank 0 speaks for all
+    if distributed.is_main():  # --- distributed: rank 0 speaks for all
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
@@ -328,22 +323,22 @@ def train(net, loss_fn, n_examples: int, *, epochs: int, lr: float, cfg: Config,
             batch = orders[epoch][step * cfg.batch_size:(step + 1) * cfg.batch_size]
             micro_batches = [batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)]
             optimizer.zero_grad(set_to_none=True)
-            share = tofu_eval.rank_share(micro_batches)  # --- distributed: as many on every process
+            share = distributed.rank_share(micro_batches)  # --- distributed: as many on every process
             for call, (idx, mine) in enumerate(share):
-                with skip_gradient_sync(net, call < len(share) - 1):  # --- distributed
+                with distributed.skip_gradient_sync(net, call < len(share) - 1):  # --- distributed
                     with autocast(cfg):
                         loss, stats = loss_fn(idx)
-                    if any_process(not math.isfinite(stats["loss"])):  # --- distributed: all stop together
+                    if distributed.any_process(not math.isfinite(stats["loss"])):  # --- distributed: all stop together
                         return f"diverged (non-finite loss at epoch {epoch + 1}, step {step + 1})"
                     # --- distributed: DDP and FSDP average over processes; a stand-in weighs 0
-                    (loss * (world_size() * mine) / len(micro_batches)).backward()
+                    (loss * (distributed.world_size() * mine) / len(micro_batches)).backward()
                 sums = {k: sums.get(k, 0.0) + mine * v for k, v in stats.items()}
                 n_micro += mine
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             optimizer.step()
-        if any_process(not all(torch.isfinite(local_tensor(p)).all() for p in net.parameters())):
+        if distributed.any_process(not all(torch.isfinite(distributed.local_tensor(p)).all() for p in net.parameters())):
             return f"diverged (non-finite weights in epoch {epoch + 1})"
-        n_micro, *totals = all_sum(torch.tensor([n_micro, *sums.values()], dtype=torch.float64)).tolist()  # --- distributed
+        n_micro, *totals = distributed.all_sum(torch.tensor([n_micro, *sums.values()], dtype=torch.float64)).tolist()  # --- distributed
         means = {k: v / n_micro for k, v in zip(sums, totals)}
         eta = (time.time() - t0) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
         log(f"[{tag}] epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
@@ -382,14 +377,14 @@ class Pairs:
     @torch.no_grad()
     def reference(self, net, cfg: Config) -> torch.Tensor:
         net.eval()
-        share = tofu_eval.rank_share([range(s, min(s + cfg.eval_batch_size, len(self))) for s in range(0, len(self), cfg.eval_batch_size)])
+        share = distributed.rank_share([range(s, min(s + cfg.eval_batch_size, len(self))) for s in range(0, len(self), cfg.eval_batch_size)])
         with autocast(cfg):
             computed = npo.precompute_ref_logprobs(lambda ids, lab: models.answer_logprob(net, ids, lab, cfg.logprob == "fused"),
                                                    [self.batch(idx) for idx, _ in share]).cpu()
         # --- distributed: each value from the process that computed it, zeros elsewhere; summed
         logp, positions = torch.zeros(len(self)), [i for idx, mine in share if mine for i in idx]
         logp[positions] = computed[:len(positions)]
-        return all_sum(logp)
+        return distributed.all_sum(logp)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -414,12 +409,12 @@ def load_model_dir(path: Path) -> None:
 
 
 def finish_stage(path: Path, net, tok, info: dict) -> None:
-    whole = whole_model(net)  # --- distributed: on rank 0, None elsewhere
+    whole = distributed.whole_model(net, models.GPT)  # --- distributed: on rank 0, None elsewhere
     if whole is not None:
         models.save_pretrained(whole, path)
         tok.save(path)
         write_json(path / "done.json", info)
-    barrier()  # --- distributed: written before any process looks
+    distributed.barrier()  # --- distributed: written before any process looks
 
 
 def prepare_data(run: Run):
@@ -522,7 +517,7 @@ def eval_job(cfg: Config, model_dir: str, which: str) -> None:
     tok, fmt = run.tokenizer(model_dir)
     t0 = time.time()
     logs = evaluate(run, net, tok, fmt)  # --- distributed: each process a share, the whole gathered
-    if is_main():
+    if distributed.is_main():
         tofu_eval.write_logs(run.dir / "eval" / which, logs)
         write_json(run.dir / "eval" / which / "done.json", {"model": model_dir, "seconds": time.time() - t0})
     log(f"stage eval {which}: {time.time() - t0:.1f}s")
@@ -583,8 +578,8 @@ def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
         logs = evaluate(run, net, tok, fmt, ref=ref_model)
         # the whole model and optimizer state, keyed by parameter name, the same from one process,
         # DDP or FSDP (on rank 0, sharded ones gathered; empty elsewhere)
-        model_state, optimizer_state = get_state_dict(resharded(net), optimizer, options=WHOLE_STATE)
-        if not is_main():  # --- distributed: rank 0 writes
+        model_state, optimizer_state = get_state_dict(distributed.resharded(net), optimizer, options=distributed.WHOLE_STATE)
+        if not distributed.is_main():  # --- distributed: rank 0 writes
             return
         record = {"method": name, "seed": seed, "epoch": epoch + 1, "status": "ok",
                   **{f"train_{k}": v for k, v in train_stats.items()},
@@ -598,8 +593,8 @@ def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
 
     status = train(net, loss_fn, len(forget), epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, seed=seed,
                    tag=f"{name} seed {seed}", start_epoch=start_epoch, optimizer=optimizer, on_epoch_end=on_epoch_end)
-    whole = whole_model(net) if status == "ok" else None  # --- distributed: on rank 0, None elsewhere
-    if not is_main():  # --- distributed: rank 0 writes
+    whole = distributed.whole_model(net, models.GPT) if status == "ok" else None  # --- distributed: on rank 0, None elsewhere
+    if not distributed.is_main():  # --- distributed: rank 0 writes
         return
     if status != "ok":
         log(f"[{name} seed {seed}] {status}")
@@ -637,17 +632,17 @@ def resume(out: Path, net, optimizer) -> tuple[int, float] | None:
             if any(read_json(out / f"epoch_{k:03d}.json") is None for k in range(1, epoch + 1)):
                 raise ValueError("an epoch record is missing or unreadable")
             # each process takes its part of the whole state (its shard under FSDP)
-            set_state_dict(resharded(net), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+            set_state_dict(distributed.resharded(net), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                            options=StateDictOptions(full_state_dict=True))
         except Exception as e:  # truncated or foreign file: never trust it, never crash on it
             log(f"warning: {out / 'state.pt'} cannot be resumed ({type(e).__name__}: {str(e)[:80]}); restarting this job")
             discard = True
-    barrier()  # --- distributed: every process has read the files before rank 0 changes them
+    distributed.barrier()  # --- distributed: every process has read the files before rank 0 changes them
     if discard:
-        if is_main():
+        if distributed.is_main():
             (out / "state.pt").unlink()
         return None
-    if is_main():
+    if distributed.is_main():
         for stale in out.glob("epoch_*.json"):
             if int(stale.stem[6:]) > epoch:  # written after the last state (or a killed first epoch): redone, identically
                 stale.unlink()
@@ -668,7 +663,7 @@ def parallel(fn, jobs: list[tuple], workers: int) -> None:
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             fn(*job)
-            barrier()  # --- distributed: a job's files are written before any process reads them
+            distributed.barrier()  # --- distributed: a job's files are written before any process reads them
         return
     import multiprocessing
     pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=signal.signal,
@@ -682,75 +677,25 @@ def parallel(fn, jobs: list[tuple], workers: int) -> None:
 
 
 # ----------------------------------------------------------------------------- several processes: torchrun
-# `torchrun --nproc_per_node N train_tofu.py ...` starts N copies of this program, one per GPU (on
-# CPU: processes talking through gloo). They go through every stage together, on the same files:
-# each computes a share (micro-batches of a step, batches of the reference log-probs and of each
-# evaluation), the results are summed or gathered, and rank 0 alone writes files and prints. The
-# lines doing so are marked "--- distributed"; in a single process every helper here is a no-op.
-
-WHOLE_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, on rank 0's CPU
-
 
 def init_distributed(cfg: Config) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
         return
-    if cfg.device.startswith("cuda"):
-        if cfg.device != "cuda":
-            raise ConfigError(f"--device {cfg.device}: under torchrun give --device cuda (each process takes its own GPU)")
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this process's GPU
-    # NCCL for the model's tensors, gloo for a few small CPU ones; a long timeout, as the others
-    # wait while rank 0 alone writes a large model's state
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cfg.device == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {cfg.device}: under torchrun give --device cuda (each process takes its own GPU)")
+    distributed.init(cfg.device == "cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if parallel_mode(cfg) == "fsdp" and cfg.optimizer == "adafactor":
         raise ConfigError(f"--optimizer adafactor: torch {torch.__version__}'s Adafactor cannot step FSDP's sharded "
                           "parameters; use --optimizer adamw with FSDP")
     log(f"{dist.get_world_size()} processes, {parallel_mode(cfg)}")
 
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """The CPU tensor t summed over the processes, in place."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def any_process(flag: bool) -> bool:
-    return bool(all_sum(torch.tensor([float(flag)])).item())
-
-
-def rank0_first(fn, *args):
-    """fn(*args) on rank 0, then on the other processes, which find what it wrote."""
-    if not is_main():
-        barrier()
-    result = fn(*args)
-    if is_main():
-        barrier()
-    return result
-
-
-def model_config(cfg: Config) -> models.GPTConfig:
-    model_dir = cfg.model or cfg.base_model
-    return models.load_config(model_dir) if model_dir else models.GPTConfig(
-        vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-
-
 def memory_needed(cfg: Config, n_shards: int = 1) -> dict:
     """models.memory_estimate for this run, per device: a forget and a retain micro-batch share
     one backward; TOFU's QA pairs stay under 256 tokens; activations in bf16 on CUDA."""
-    config = model_config(cfg)
+    model_dir = cfg.model or cfg.base_model
+    config = models.load_config(model_dir) if model_dir else models.GPTConfig(
+        vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     return models.memory_estimate(
         config, micro_batch=2 * cfg.micro_batch_size, seq_len=min(256, config.block_size), dtype=cfg.dtype,
         optimizer=cfg.optimizer, grad_checkpointing=cfg.grad_checkpointing, n_shards=n_shards,
@@ -767,66 +712,10 @@ def parallel_mode(cfg: Config) -> str:
     return "ddp" if fits else "fsdp"
 
 
-class DDP(torch.nn.parallel.DistributedDataParallel):
-    """DDP reading the model's attributes through (lm_head, config, generate), so that model.py's and
-    eval.py's functions take it as they take the model."""
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":
-                raise
-            return getattr(self.module, name)
-
-
 def distribute(net, cfg: Config, frozen: bool = False):
-    """The model this process trains with: net itself in a single process; under torchrun, in
-    DDP (a copy per process; a frozen model stays as it is), or sharded by FSDP2: each block, then
-    the rest, gathered in bf16 for compute where autocast() would run (fp32 weights on CUDA)."""
-    if not dist.is_initialized():
-        return net
-    if parallel_mode(cfg) == "ddp":
-        return net if frozen else DDP(net)
-    mixed = cfg.device.startswith("cuda") and cfg.dtype == "float32"  # as autocast()
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
-    mesh = init_device_mesh("cuda" if cfg.device.startswith("cuda") else "cpu", (world_size(),))
-    for block in net.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    return fully_shard(net, mesh=mesh, mp_policy=policy)
-
-
-def skip_gradient_sync(net, skip: bool):
-    """DDP averages gradients in every backward unless told to skip it (FSDP reduce-scatters in
-    each: its gradients stay sharded)."""
-    return net.no_sync() if skip and isinstance(net, DDP) else contextlib.nullcontext()
-
-
-def resharded(net):
-    """net, with FSDP's root parameters sharded again as the state-dict functions need them (a
-    forward without backward leaves them gathered)."""
-    if isinstance(net, FSDPModule):
-        net.reshard()
-    return net
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def whole_model(net):
-    """The whole model on rank 0, to save; None on the others. Every process must call it: FSDP
-    gathers the shards."""
-    if isinstance(net, FSDPModule):
-        state = get_model_state_dict(resharded(net), options=WHOLE_STATE)
-        if not is_main():
-            return None
-        with torch.device("meta"):
-            whole = models.GPT(net.config)
-        whole.load_state_dict(state, assign=True)
-        whole.tie_weights()
-        return whole
-    return (net.module if isinstance(net, DDP) else net) if is_main() else None
+    """net, or under torchrun net in DDP or FSDP2 (bf16 compute from fp32 weights where autocast() would run)."""
+    mixed = cfg.device.startswith("cuda") and cfg.dtype == "float32"
+    return distributed.wrap(net, parallel_mode(cfg), mixed, frozen) if dist.is_initialized() else net
 
 
 # ----------------------------------------------------------------------------- main
@@ -844,7 +733,7 @@ def run(cfg: Config) -> Path:
     workers = 1 if cfg.device.startswith("cuda") or dist.is_initialized() else cfg.workers
     log(f"run {run.dir}: {cfg.split}, methods {cfg.methods}, seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}, "
         f"{workers} worker(s) x {cfg.threads} thread(s), torch {torch.__version__}")
-    tok, _ = rank0_first(prepare_data, run)  # --- distributed: rank 0 makes the data and tokenizer
+    tok, _ = distributed.rank0_first(prepare_data, run)  # --- distributed: rank 0 makes the data and tokenizer
     if not cfg.model:
         build_target_and_retain(run, tok, workers)
     target_dir = cfg.model or str(run.dir / "target")
@@ -853,7 +742,7 @@ def run(cfg: Config) -> Path:
     parallel(eval_job, [job for job in evals if not finished(run.dir / "eval" / job[2], tofu_eval.read_logs)], workers)
     jobs = [(cfg, target_dir, name, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds) for name in methods_of(cfg)]
     parallel(unlearn_job, jobs, workers)
-    if is_main():  # --- distributed
+    if distributed.is_main():  # --- distributed
         report.write(run, target_dir)
     log(f"done in {time.time() - t_start:.0f}s: {run.dir}")
     return run.dir

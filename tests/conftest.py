@@ -3,6 +3,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# The tests' models are tiny: a second thread only waits on the first (and badly so on a busy machine).
+torch.set_num_threads(1)
 
 # Tests import the flat modules (npo.py, model.py, ...) from the repository root.
 ROOT = Path(__file__).resolve().parents[1]

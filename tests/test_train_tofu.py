@@ -142,12 +142,14 @@ def test_a_corrupted_stage_is_rebuilt(toy_run, capsys):
     models.from_pretrained(run_dir / "retain")
 
 
-def test_divergence_is_recorded_not_raised(tmp_path):
-    assert train_tofu.main(TOY + ["--out-dir", str(tmp_path), "--methods", "ga", "--lr", "1e30", "--seeds", "1"]) == 0
-    run_dir = tmp_path / "builtin-generated-forget10"
-    ga = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+def test_divergence_is_recorded_not_raised(toy_run, tmp_path):
+    run_dir, argv = toy_run
+    for stage in ("data", "tokenizer", "base", "target", "retain", "eval"):  # a new run on the toy run's models
+        shutil.copytree(run_dir / stage, tmp_path / run_dir.name / stage)
+    assert train_tofu.main(argv + ["--out-dir", str(tmp_path), "--methods", "ga", "--lr", "1e30", "--seeds", "1"]) == 0
+    ga = [json.loads(line) for line in (tmp_path / run_dir.name / "metrics.jsonl").read_text().splitlines()][-1]
     assert ga["method"] == "ga" and ga["status"].startswith("diverged")
-    assert "diverged" in (run_dir / "summary.md").read_text()
+    assert "diverged" in (tmp_path / run_dir.name / "summary.md").read_text()
 
 
 def test_learning_rate_is_hfs_linear_schedule_with_one_warmup_epoch():
