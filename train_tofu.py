@@ -178,7 +178,7 @@ def validate(cfg: Config) -> list[str]:
          f"--{'model' if cfg.model else 'base-model'} (a Hugging Face model) needs TOFU's files: --data-dir")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
         problems.append(f"--device {cfg.device!r}: expected cpu, cuda or cuda:N")
-    elif cfg.device != "cpu" and int(cfg.device.partition(":")[2] or 0) >= torch.cuda.device_count():
+    elif cfg.device != "cpu" and not cfg.dry_run and int(cfg.device.partition(":")[2] or 0) >= torch.cuda.device_count():
         problems.append(f"--device {cfg.device}: no such CUDA device here ({torch.cuda.device_count()} found)")
     # paths, as they will be used: model directories, logs that read, the data's files, a writable output
     for name in ("model", "retain_model", "base_model"):
@@ -690,12 +690,16 @@ def init_distributed(cfg: Config) -> None:
     log(f"{dist.get_world_size()} processes, {parallel_mode(cfg)}")
 
 
+def memory_config(cfg: Config) -> models.GPTConfig:
+    model_dir = cfg.model or cfg.base_model
+    return models.load_config(model_dir) if model_dir else models.GPTConfig(
+        vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+
+
 def memory_needed(cfg: Config, n_shards: int = 1) -> dict:
     """models.memory_estimate for this run, per device: a forget and a retain micro-batch share
     one backward; TOFU's QA pairs stay under 256 tokens; activations in bf16 on CUDA."""
-    model_dir = cfg.model or cfg.base_model
-    config = models.load_config(model_dir) if model_dir else models.GPTConfig(
-        vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    config = memory_config(cfg)
     return models.memory_estimate(
         config, micro_batch=2 * cfg.micro_batch_size, seq_len=min(256, config.block_size), dtype=cfg.dtype,
         optimizer=cfg.optimizer, grad_checkpointing=cfg.grad_checkpointing, n_shards=n_shards,
@@ -725,6 +729,13 @@ def run(cfg: Config) -> Path:
     setup_process(cfg)
     run = Run(cfg)
     if cfg.dry_run:
+        with torch.device("meta"):  # shapes only: a 7B model costs nothing here
+            n_params = sum(p.numel() for p in models.GPT(memory_config(cfg)).parameters())
+        weights = cfg.dtype + (" under bf16 autocast" if cfg.device.startswith("cuda") and cfg.dtype == "float32" else "")
+        print(f"{cfg.model or cfg.base_model or 'built-in GPT'}: {n_params / 1e6:,.1f}M parameters, {weights} "
+              f"weights, {cfg.optimizer}, micro-batches of {cfg.micro_batch_size} forget + "
+              f"{cfg.micro_batch_size} retain pairs, gradient checkpointing {'on' if cfg.grad_checkpointing else 'off'}, "
+              f"{cfg.logprob} log-probs; per device:")
         print(models.format_memory(memory_needed(cfg)))
         print("FSDP, per GPU: " + ", ".join(f"{n} GPUs {memory_needed(cfg, n)['total'] / 2**30:.2f} GiB" for n in (2, 4, 8)))
         return run.dir

@@ -208,3 +208,25 @@ def test_a_real_model_directory_end_to_end(hf_tokenizer_dirs, tmp_path):
         assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-5)
         assert not torch.equal(ours(ids), models.from_pretrained(model_dirs[0])(ids))  # it did unlearn
     assert data.load_tokenizer(unlearned).encode("Who wrote the book?") == ids[0].tolist()
+
+
+def test_dry_run_sizes_a_7b_model_without_building_it(tmp_path, capsys):
+    # Llama-2-7B's published shape; its parameter count, 6,738,415,616, is Meta's model card figure
+    model_dir = tmp_path / "llama-2-7b"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False}))
+    argv = ["--model", str(model_dir), "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"),
+            "--device", "cuda", "--dry-run", "--methods", "npo_rt"]
+    for name in ("forget10", "retain90", "full", "real_authors", "world_facts", "forget10_perturbed",
+                 "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"):
+        (tmp_path / f"{name}.json").write_text("")  # a dry run reads no data, validation checks they exist
+    (tmp_path / "idontknow.jsonl").write_text("")
+    assert train_tofu.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "6,738.4M parameters" in out
+    # fp32 AdamW: two moments of 4 bytes per parameter
+    assert f"{'optimizer':<12} {2 * 4 * 6738415616 / 2**30:8.2f} GiB" in out
