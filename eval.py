@@ -810,7 +810,7 @@ def evaluate_main(argv) -> int:
                     ds_size=cfg.ds_size, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens or None,
                     fused=cfg.logprob == "fused", rouge=cfg.rouge, progress=True)
 
-    def run(model_dir, ref_model=None, stems=None):
+    def evaluate_dir(model_dir, ref_model=None, stems=None):
         model = from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), device=cfg.device)
         if ref_model is not None and ref_model.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"--ref-model has a vocabulary of {ref_model.config.vocab_size} tokens, "
@@ -823,12 +823,12 @@ def evaluate_main(argv) -> int:
                               ref_model=ref_model, stems=stems)
 
     ref_model = from_pretrained(cfg.ref_model, getattr(torch, cfg.dtype), cfg.device) if cfg.ref_model else None
-    logs = run(cfg.model, ref_model=ref_model)
+    logs = evaluate_dir(cfg.model, ref_model=ref_model)
     write_logs(out, logs)
     del ref_model
     retain_where = cfg.retain_logs or str(out / "retain_model")
     if cfg.retain_model:
-        write_logs(retain_where, run(cfg.retain_model, stems=(FORGET_STEM,)))
+        write_logs(retain_where, evaluate_dir(cfg.retain_model, stems=(FORGET_STEM,)))
     retain_logs = read_logs(retain_where, (FORGET_STEM,)) if cfg.retain_model or cfg.retain_logs else None
     metrics = aggregate(logs, retain_logs, where=str(out), retain_where=retain_where)
     data.write_atomic(out / "aggregate_stat.json", json.dumps(metrics, indent=2))

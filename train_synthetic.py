@@ -115,7 +115,7 @@ class Task:
     W: torch.Tensor   # (S, N, d)
     x: dict           # split -> (S, n, d); splits: retain, forget, eval_retain, eval_forget
     y: dict           # split -> (S, n); also "idk", the uniformly drawn IDK labels of the forget inputs
-    zt: dict          # split -> relu(W x^T) (S, N, n): features, transposed for the per-step products
+    features: dict    # split -> relu(W x^T) (S, N, n), transposed for the per-step products
     a_finetuned: torch.Tensor = None  # (S, N) fitted on retain + forget: the start and the reference
     a_retain: torch.Tensor = None     # (S, N) fitted on retain only: the target
     fit_grad_norm: dict = None        # {"finetuned", "retain"}: (S,) gradient norms at the end of the fits
@@ -157,15 +157,15 @@ def fit(task: Task, steps: int = 20_000, lr: float = 0.05) -> Task:
     """The released pretrained_model() for both models of every seed at once: gradient descent on the
     mean NLL from a = 0. The fine-tuned model fits the retain and forget samples, the retain model the
     retain samples (the forget ones weigh 0 in its mean), so one product over the features serves both."""
-    zt = torch.cat([task.zt["retain"], task.zt["forget"]], 2)                          # (S, N, n)
-    is_class_0 = (torch.cat([task.y["retain"], task.y["forget"]], 1) == 0).to(zt.dtype)  # (S, n)
-    (S, N, n), n_retain = zt.shape, task.y["retain"].shape[1]
-    a = zt.new_zeros(S, 2, N)                                                          # fine-tuned, retain
-    weight = zt.new_zeros(2, n)
+    features = torch.cat([task.features["retain"], task.features["forget"]], 2)  # (S, N, n)
+    is_class_0 = (torch.cat([task.y["retain"], task.y["forget"]], 1) == 0).to(features.dtype)  # (S, n)
+    (S, N, n), n_retain = features.shape, task.y["retain"].shape[1]
+    a = features.new_zeros(S, 2, N)  # fine-tuned, retain
+    weight = features.new_zeros(2, n)
     weight[0], weight[1, :n_retain] = 1 / n, 1 / n_retain  # each fit's mean over its own samples
     for step in range(steps + 1):
         # d/da mean_i -log p(y_i|x_i) = mean_i z_i (sigmoid(a . z_i) - 1{y_i = 0})
-        grad = ((torch.sigmoid(a @ zt) - is_class_0.unsqueeze(1)) * weight) @ zt.transpose(1, 2)  # (S, 2, N)
+        grad = ((torch.sigmoid(a @ features) - is_class_0.unsqueeze(1)) * weight) @ features.transpose(1, 2)  # (S, 2, N)
         if step < steps:
             a -= lr * grad
     task.a_finetuned, task.a_retain = a[:, 0], a[:, 1]
@@ -182,12 +182,12 @@ def unlearn(task: Task, specs: list[Spec], steps: int, eval_every: int) -> dict:
     Returns {"steps", "a" (S, M, N), metric: (E, S, M), W_mean|W_min|W_max: (E, M)}."""
     S, M = len(task.seeds), len(specs)
     a0 = task.a_finetuned.unsqueeze(1)                                                 # (S, 1, N)
-    zt, y = task.zt, task.y
+    features, y = task.features, task.y
     with torch.no_grad():  # the frozen fine-tuned (reference) and retain (target) models, once
-        ref = {"forget": label_logprob(a0 @ zt["forget"], y["forget"]).flatten(),      # (S * n_f,)
-               "idk": label_logprob(a0 @ zt["forget"], y["idk"]).flatten(),
-               "retain_logits": class_logits(a0 @ zt["retain"])}                       # (S, 1, n_r, 2)
-        target = {split: class_logits(task.a_retain.unsqueeze(1) @ zt[f"eval_{split}"])
+        ref = {"forget": label_logprob(a0 @ features["forget"], y["forget"]).flatten(),  # (S * n_f,)
+               "idk": label_logprob(a0 @ features["forget"], y["idk"]).flatten(),
+               "retain_logits": class_logits(a0 @ features["retain"])}                 # (S, 1, n_r, 2)
+        target = {split: class_logits(task.a_retain.unsqueeze(1) @ features[f"eval_{split}"])
                   for split in ("forget", "retain")}                                   # (S, 1, n_eval, 2)
     ones_forget = torch.ones_like(ref["forget"])                                       # one token per answer
     ones_retain = torch.ones(y["retain"].numel(), dtype=ones_forget.dtype)
@@ -198,12 +198,12 @@ def unlearn(task: Task, specs: list[Spec], steps: int, eval_every: int) -> dict:
     history, eval_steps = [], []
     for step in range(steps + 1):
         # per method m, (S * n,) scores (unbind: one backward op for all methods, not one per method)
-        logit_forget = a @ zt["forget"]                                                # (S, M, n_f)
+        logit_forget = a @ features["forget"]                                          # (S, M, n_f)
         logp_forget = [t.flatten() for t in label_logprob(logit_forget, y["forget"]).unbind(1)]
         logp_idk = [t.flatten() for t in label_logprob(logit_forget, y["idk"]).unbind(1)]
         retain_terms = {}
         if with_retain:
-            logit_retain = a[:, with_retain] @ zt["retain"]                            # (S, M_r, n_r)
+            logit_retain = a[:, with_retain] @ features["retain"]                      # (S, M_r, n_r)
             retain_terms["nll"] = label_logprob(logit_retain, y["retain"]).unbind(1)
             if needs_kl:
                 retain_terms["kl"] = npo.kl_divergence(class_logits(logit_retain), ref["retain_logits"]).unbind(1)
@@ -218,7 +218,7 @@ def unlearn(task: Task, specs: list[Spec], steps: int, eval_every: int) -> dict:
             total = total + S * loss
             stats.append(step_stats)
         if step % eval_every == 0 or step == steps:
-            history.append(evaluate(a.detach(), task, target, stats))
+            history.append(measure_distances(a.detach(), task, target, stats))
             eval_steps.append(step)
         if step == steps:
             break
@@ -232,9 +232,9 @@ def unlearn(task: Task, specs: list[Spec], steps: int, eval_every: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(a: torch.Tensor, task: Task, target: dict, stats: list[dict]) -> dict:
+def measure_distances(a: torch.Tensor, task: Task, target: dict, stats: list[dict]) -> dict:
     """Both distances and ||a - a_0|| per (seed, method), (S, M); NPO's weights per method (M,)."""
-    out = {f"{split}_distance": npo.kl_divergence(class_logits(a @ task.zt[f"eval_{split}"]), target[split]).mean(-1)
+    out = {f"{split}_distance": npo.kl_divergence(class_logits(a @ task.features[f"eval_{split}"]), target[split]).mean(-1)
            for split in ("forget", "retain")}
     out["drift"] = (a - task.a_finetuned.unsqueeze(1)).norm(dim=-1)
     for key in ("W_mean", "W_min", "W_max"):
@@ -480,7 +480,7 @@ def main(argv=None) -> int:
         print(f"train_synthetic.py: error: {e}", file=sys.stderr)
         return 2
     try:
-        run(cfg, argv)
+        run_experiment(cfg, argv)
     except KeyboardInterrupt:  # the worker threads cannot be interrupted: leave without waiting for them
         print("\ntrain_synthetic.py: interrupted", file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -488,7 +488,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def run(cfg: Config, argv=None) -> None:
+def run_experiment(cfg: Config, argv=None) -> None:
     """Both settings, the collapse run, the optional beta sweep; writes JSON, markdown and figures.
     Independent runs go to cfg.threads Python threads (torch releases the GIL in its kernels); each
     runs single-threaded, so the numbers do not depend on the thread count."""

@@ -97,7 +97,7 @@ class Config:
     seed: int = option(0, "first unlearning seed, and the seed of base training and fine-tuning", ge=0, le=2**63 - 1)
     device: str = option("cpu", "cpu, cuda or cuda:N")
     dtype: str = option("float32", "weights: float32, or bfloat16 (bf16 weights and optimizer state)", choices=("float32", "bfloat16"))
-    optimizer: str = option("adamw", "adamw, or adafactor (factored second moments: an 8B model fits 80 GB)", choices=("adamw", "adafactor"))
+    optimizer: str = option("adamw", "adamw, or adafactor (factored second moments; an 8B model with --dtype bfloat16: 31 GiB)", choices=("adamw", "adafactor"))
     grad_checkpointing: bool = option(False, "recompute each block in backward (less activation memory)")
     logprob: str = option("plain", "plain (logits) or fused (answer positions only, chunked; for large vocabularies)", choices=("plain", "fused"))
     threads: int = option(1, "torch CPU threads per process (results are pinned to it)", ge=1)
@@ -724,7 +724,7 @@ def distribute(net, cfg: Config, frozen: bool = False):
 
 # ----------------------------------------------------------------------------- main
 
-def run(cfg: Config) -> Path:
+def run_experiment(cfg: Config) -> Path:
     t_start = time.time()
     setup_process(cfg)
     run = Run(cfg)
@@ -737,7 +737,8 @@ def run(cfg: Config) -> Path:
               f"{cfg.micro_batch_size} retain pairs, gradient checkpointing {'on' if cfg.grad_checkpointing else 'off'}, "
               f"{cfg.logprob} log-probs; per device:")
         print(models.format_memory(memory_needed(cfg)))
-        print("FSDP, per GPU: " + ", ".join(f"{n} GPUs {memory_needed(cfg, n)['total'] / 2**30:.2f} GiB" for n in (2, 4, 8)))
+        if cfg.optimizer != "adafactor":  # refused under FSDP (init_distributed)
+            print("FSDP, per GPU: " + ", ".join(f"{n} GPUs {memory_needed(cfg, n)['total'] / 2**30:.2f} GiB" for n in (2, 4, 8)))
         return run.dir
     run.claim()
     init_distributed(cfg)  # --- distributed
@@ -761,7 +762,7 @@ def run(cfg: Config) -> Path:
 
 def main(argv=None) -> int:
     try:
-        run(parse_args(argv))
+        run_experiment(parse_args(argv))
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume where it stopped", file=sys.stderr)
         return 130

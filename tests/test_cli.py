@@ -88,10 +88,10 @@ def world(tmp_path_factory):
 @pytest.fixture
 def stubbed(world, monkeypatch):
     """Work replaced by WorkStarted; the working directory and environment of the world."""
-    monkeypatch.setattr(train_tofu, "run", stop)
+    monkeypatch.setattr(train_tofu, "run_experiment", stop)
     monkeypatch.setattr(tofu_eval, "from_pretrained", stop)
     monkeypatch.setattr(tofu_eval, "evaluate_model", stop)
-    monkeypatch.setattr(train_synthetic, "run", stop)
+    monkeypatch.setattr(train_synthetic, "run_experiment", stop)
     monkeypatch.delenv("TOFU_DATA_DIR", raising=False)
     monkeypatch.chdir(world["root"])  # default output directories land here
     return world

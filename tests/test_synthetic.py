@@ -84,7 +84,7 @@ def test_fits_are_the_released_gradient_descent():
     task = ts.fit(ts.make_task(1.0, [3, 4], **SMALL), steps=6, lr=0.05)
     n_r = SMALL["n_retain"]
     for s in range(2):
-        Z = torch.cat([task.zt["retain"][s], task.zt["forget"][s]], 1).T                     # (n, N)
+        Z = torch.cat([task.features["retain"][s], task.features["forget"][s]], 1).T                     # (n, N)
         y = torch.cat([task.y["retain"][s], task.y["forget"][s]])
         for rows, fitted in ((slice(None), task.a_finetuned[s]), (slice(0, n_r), task.a_retain[s])):
             v = torch.zeros(Z.shape[1], 1, dtype=torch.float64, requires_grad=True)
@@ -113,7 +113,7 @@ def test_first_steps_of_ga_and_idk_rt_are_the_hand_computed_ones():
     a0 = task.a_finetuned[0].numpy()
 
     def grad_logp(split, labels):  # mean over samples of d/da log p(labels|z)
-        z = task.zt[split][0].T.numpy()
+        z = task.features[split][0].T.numpy()
         return (z * ((labels == 0) - sigmoid(z @ a0))[:, None]).mean(0)
     ga = grad_logp("forget", task.y["forget"][0].numpy())
     idk_rt = -grad_logp("forget", task.y["idk"][0].numpy()) - grad_logp("retain", task.y["retain"][0].numpy())
