@@ -1,5 +1,5 @@
 """Every command-line option of train_tofu.py, eval.py (evaluate and `eval.py aggregate`) and
-train_synthetic.py, tried with invalid values (issue 12): each must end in exit 2 with the option
+train_synthetic.py, tried with invalid values: each must end in exit 2 with the option
 named and no traceback, before any work starts. The table must cover every option that each
 script's parser offers (read from its --help), so a new option without a row fails here. Each
 script's main() runs in-process with its work stubbed out: reaching the stub is a failure."""
