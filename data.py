@@ -35,7 +35,7 @@ import tiktoken
 import tiktoken.load
 import torch
 
-IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, padding); the same as npo's
+from npo import IGNORE_INDEX  # label of positions that carry no loss (prompt, padding)
 EOS = "<|endoftext|>"
 # tiktoken's `gpt2` pat_str (r50k_pat_str), equal to GPT-2's own split: contractions, letters,
 # digits, punctuation runs, each optionally preceded by one space; whitespace runs otherwise.
@@ -693,27 +693,6 @@ def batch_indices(n: int, batch_size: int, seed: int, epoch: int = 0, shuffle: b
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     order = order.tolist()
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-def bucketed_batch_indices(lengths: list[int], batch_size: int, seed: int, epoch: int = 0,
-                           bucket_batches: int = 32, bin_tokens: int = 16) -> list[list[int]]:
-    """Shuffled batches of similar-length examples, for training with little padding.
-
-    Each run of bucket_batches * batch_size shuffled indices is sorted by length, coarsely
-    (length // bin_tokens, a stable sort that keeps the shuffled order inside a bin), and cut into
-    batches; the batches are then shuffled. The coarse bins matter: sorting by exact length would
-    group questions of one template together and make batches far less random. Every index
-    appears once; the result is a function of (seed, epoch)."""
-    if batch_size < 1 or bucket_batches < 1:
-        raise ValueError(f"bucketed_batch_indices: need batch_size, bucket_batches >= 1, got {batch_size}, {bucket_batches}")
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths)).tolist()
-    span = batch_size * bucket_batches
-    batches = []
-    for start in range(0, len(order), span):
-        run = sorted(order[start : start + span], key=lambda i: lengths[i] // bin_tokens)
-        batches += [run[i : i + batch_size] for i in range(0, len(run), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches)).tolist()]
 
 
 # Required fields (name -> type) of each kind of TOFU file; other fields are kept as they are.

@@ -197,13 +197,13 @@ def porter_stem(word: str) -> str:
 
 
 ROUGE_MODES = ("porter", "plain")  # porter: TOFU's (use_stemmer=True); plain: no stemming
-_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+_WORD = re.compile(r"[a-z0-9]+")  # a word, for ROUGE and the degeneracy figures
 
 
 def rouge_tokens(text: str, stem: bool = True) -> list[str]:
     """rouge_score's tokens: lowercase, every run of characters other than a-z0-9 a space, split;
     with stem, words longer than 3 characters Porter-stemmed."""
-    words = _NON_ALNUM.sub(" ", text.lower()).split()
+    words = _WORD.findall(text.lower())  # = replacing each other run by a space, then split()
     return [porter_stem(w) if stem and len(w) > 3 else w for w in words]
 
 
@@ -337,6 +337,16 @@ def log_rows(log, where: str) -> list[int]:
     if not rows:
         raise LogError(f"{where}: no rows; expected TOFU log keys holding one value per question")
     return rows
+
+
+def retain_rows_mismatch(retain: dict, rows: list, path, data_dir, split: str, ds_size: int) -> str | None:
+    """Forget Quality compares the same questions: why the retain model's forget log (retain, whose
+    row ids are rows, read from path) is not about the first ds_size rows of split; None if it is."""
+    n = len(data.load_split(data_dir, split)[:ds_size])
+    if rows != list(range(n)) or retain.get("split", split) != split:
+        return (f"{path} holds {len(rows)} rows of {retain.get('split', 'an unrecorded split')}; "
+                f"this evaluation has {n} rows of {split} (--ds-size {ds_size})")
+    return None
 
 
 def _span(indices: list[int]) -> str:
@@ -490,8 +500,7 @@ def write_logs(out_dir, logs: dict) -> None:
 
 # ----------------------------------------------------------------------------- degeneracy, frontier
 
-_WORD = re.compile(r"[a-z0-9]+")
-FRONTIER_FRACTIONS = (0.5, 0.75, 0.9)
+FRONTIER_FRACTIONS = (0.5, 0.75, 0.9)  # Model Utility kept, as a share of the target's, for the frontier statistic
 
 
 def repeated_ngram_share(text: str, n: int = 3) -> float:
@@ -780,13 +789,9 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
         try:
             retain = read_logs(cfg.retain_logs, (FORGET_STEM,))[FORGET_STEM]
             rows = log_rows(retain, cfg.retain_logs)
-            if data_dir is not None and not problems:
-                split = cfg.eval_forget_split or default_eval_forget_split(data_dir, cfg.split)
-                n = len(data.load_split(data_dir, split)[:cfg.ds_size])
-                if rows != list(range(n)) or retain.get("split", split) != split:
-                    problems.append(f"--retain-logs: {cfg.retain_logs} holds {len(rows)} rows of "
-                                    f"{retain.get('split', 'an unrecorded split')}; this evaluation "
-                                    f"has {n} rows of {split} (--ds-size {cfg.ds_size})")
+            if data_dir is not None and not problems:  # so split_ok, and forget_log_split is known
+                if why := retain_rows_mismatch(retain, rows, cfg.retain_logs, data_dir, forget_log_split, cfg.ds_size):
+                    problems.append(f"--retain-logs: {why}")
         except ValueError as e:
             problems.append(f"--retain-logs: {e}")
     if cfg.out or (Path(cfg.model) / "config.json").is_file():  # the default lies in the model's
@@ -811,10 +816,7 @@ def evaluate_main(argv) -> int:
                     fused=cfg.logprob == "fused", rouge=cfg.rouge, progress=True)
 
     def evaluate_dir(model_dir, ref_model=None, stems=None):
-        model = from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), device=cfg.device)
-        if ref_model is not None and ref_model.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"--ref-model has a vocabulary of {ref_model.config.vocab_size} tokens, "
-                             f"{model_dir} one of {model.config.vocab_size}; the KL needs the same")
+        model = from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), device=cfg.device)  # vocabularies checked
         tok = data.load_tokenizer(model_dir)
         fmt = cfg.prompt_format or data.default_prompt_format(model_dir, tok)
         print(f"evaluating {model_dir}: prompt format {fmt}, forget log on "

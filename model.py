@@ -350,10 +350,8 @@ class GPT(nn.Module):
 
         new = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)  # (B, N)
         finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
-        n = 0
-        for step in range(max_new_tokens):
+        for step in range(max_new_tokens):  # breaks at the last step at the latest
             new[:, step] = next_tok
-            n = step + 1
             finished |= torch.isin(next_tok, eos)
             if all_done(bool(finished.all())) or step == max_new_tokens - 1:
                 break
@@ -363,7 +361,8 @@ class GPT(nn.Module):
             next_tok = self.lm_head(h[:, -1]).argmax(dim=-1)  # (B,)
 
         result = []
-        for row, is_eos in zip(new[:, :n].tolist(), torch.isin(new[:, :n], eos).tolist()):
+        new = new[:, :step + 1]
+        for row, is_eos in zip(new.tolist(), torch.isin(new, eos).tolist()):
             result.append(row[:is_eos.index(True)] if True in is_eos else row)
         return result
 
@@ -504,8 +503,7 @@ def hf_tensor_map(model: GPT) -> dict:
         if c.family == "phi":
             names.update({"ln_f": "model.final_layernorm", "attn.c_proj": "self_attn.dense",
                           "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"})
-    hs = c.n_embd // c.n_head
-    row_blocks = {"attn.c_attn": [c.n_embd, c.n_kv_head * hs, c.n_kv_head * hs],
+    row_blocks = {"attn.c_attn": model.transformer.h[0].attn.qkv_sizes,
                   "mlp.c_fc": [c.intermediate_size] * 2}
     out = {}
     for name, p in model.named_parameters():  # a tied lm_head.weight is listed once, as wte's

@@ -156,10 +156,6 @@ class Method:
         return self.forget in ("idk", "dpo")
 
     @property
-    def needs_ref_logprobs(self) -> bool:  # pi_ref on fixed sequences: cache it once
-        return self.forget in ("npo", "dpo")
-
-    @property
     def needs_ref_model(self) -> bool:  # pi_ref on retain batches, which change every step
         return self.retain == "kl"
 
@@ -181,7 +177,7 @@ FORGET_TERMS: dict[str, Callable] = {
                                            f.logp / f.n_tokens.clamp_min(1) + delta / beta),
     "dpo": lambda f, idk, beta, delta: (dpo_loss(idk.logp, idk.ref, f.logp, f.ref, beta),
                                         (f.logp - f.ref) - (idk.logp - idk.ref)),
-    "idk": lambda f, idk, beta, delta: (-idk.logp.sum() / idk.n_tokens.sum().clamp_min(1), None),
+    "idk": lambda f, idk, beta, delta: (retain_nll(idk.logp, idk.n_tokens), None),
 }
 
 METHODS: dict[str, Method] = {
@@ -278,7 +274,7 @@ class _LinearLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_size):
         # h: (N, C), weight: (V, C), bias: (V,) or None, targets: (N,)
-        lse = torch.empty(h.shape[0], dtype=_upcast(weight).dtype, device=h.device)  # (N,)
+        lse = torch.empty(h.shape[0], dtype=torch.promote_types(weight.dtype, torch.float32), device=h.device)  # (N,)
         label = torch.empty_like(lse)  # (N,)
         for s in range(0, h.shape[0], chunk_size):
             logits = _chunk_logits(h[s:s + chunk_size], weight, bias)  # (n, V)

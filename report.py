@@ -11,8 +11,6 @@ from pathlib import Path
 import data
 import eval as tofu_eval
 
-FRACTIONS = (0.5, 0.75, 0.9)  # Model Utility kept, as a share of the target's, for the frontier statistic
-
 
 def job_records(run_dir: Path, methods: list[str]) -> dict:
     """{method: {seed: [epoch records in order]}} of the run's unlearning jobs, methods in order."""
@@ -39,10 +37,9 @@ def fmt(v) -> str:
     return f"{v:.2e}" if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4) else f"{v:.3f}"
 
 
-def write(run, target_dir=None) -> None:
+def write(run) -> None:
     cfg, run_dir = run.cfg, run.dir
-    retain_logs = tofu_eval.read_logs(Path(cfg.retain_logs) if cfg.retain_logs else run_dir / "eval" / "retain",
-                                      (tofu_eval.FORGET_STEM,))
+    retain_logs = run.retain_logs()
     vocab = tofu_eval.training_vocabulary(run.data_dir)
     reference = {}
     for which in ("target", "retain"):
@@ -51,7 +48,7 @@ def write(run, target_dir=None) -> None:
             reference[which] = {"method": which, "epoch": 0, "status": "ok", **tofu_eval.aggregate(logs, retain_logs),
                                 **tofu_eval.degeneracy(logs, vocab)}
     target_mu = reference["target"]["Model Utility"]
-    jobs = job_records(run_dir, [m.strip() for m in cfg.methods.split(",") if m.strip()])
+    jobs = job_records(run_dir, run.methods)
     for name, seeds in jobs.items():  # degeneracy of the final generations
         for seed, records in seeds.items():
             logs_dir = run_dir / "unlearn" / name / f"seed{seed}" / "logs"
@@ -87,7 +84,7 @@ def summarize(run, reference: dict, jobs: dict, target_mu: float) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
     for name, seeds in jobs.items():
         finals = [records[-1] for records in seeds.values() if records[-1]["status"] == "ok"]
-        best = [[tofu_eval.best_forget_quality(records, target_mu, f) or 0.0 for records in seeds.values()] for f in FRACTIONS]
+        best = [[tofu_eval.best_forget_quality(records, target_mu, f) or 0.0 for records in seeds.values()] for f in tofu_eval.FRONTIER_FRACTIONS]
         md.append(f"| {name} | {len(finals)}/{len(seeds)} | {mean_sd([r['Forget Quality'] for r in finals])} | "
                   f"{mean_sd([r['Model Utility'] for r in finals])} | " + " | ".join(mean_sd(b) for b in best) +
                   f" | {mean_sd([r.get('train_W_mean') for r in finals])} | {mean_sd([r.get('Degenerate Share') for r in finals])} |")

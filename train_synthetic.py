@@ -58,10 +58,6 @@ COLLAPSE_LR, COLLAPSE_BETA = 5e-3, 1.0  # GA and NPO at one learning rate, alpha
 SWEEP_BETAS, SWEEP_LR, SWEEP_STEPS, SWEEP_EVAL_EVERY = (0.01, 0.1, 0.2, 0.5, 1.0), 5e-4, 10_000, 5
 
 
-class SyntheticError(ValueError):
-    """Bad option value; the message names the option and what was expected."""
-
-
 @dataclass(frozen=True)
 class Spec:
     label: str
@@ -225,10 +221,7 @@ def unlearn(task: Task, specs: list[Spec], steps: int, eval_every: int) -> dict:
         (grad,) = torch.autograd.grad(total, a)
         with torch.no_grad():
             a -= lr * grad
-    run = {"steps": eval_steps, "a": a.detach()}
-    for key in history[0]:
-        run[key] = torch.stack([h[key] for h in history])
-    return run
+    return {"steps": eval_steps, "a": a.detach()} | {key: torch.stack([h[key] for h in history]) for key in history[0]}
 
 
 @torch.no_grad()
@@ -260,7 +253,7 @@ def fit_growth(t: torch.Tensor, y: torch.Tensor) -> dict:
     return out
 
 
-def collapse_rates(run: dict, specs: list[Spec], start_frac: float = 0.1) -> dict:
+def collapse_rates(specs: list[Spec], run: dict, start_frac: float = 0.1) -> dict:
     """Per method, the seed mean of ||a_t - a_0|| fitted against t and against log t over t in
     [start_frac T, T]: {label: {"linear"|"log": (slope, R^2)}}."""
     steps = torch.tensor(run["steps"], dtype=torch.float64)
@@ -268,7 +261,7 @@ def collapse_rates(run: dict, specs: list[Spec], start_frac: float = 0.1) -> dic
     return {spec.label: fit_growth(steps[keep], run["drift"][keep, :, m].mean(1)) for m, spec in enumerate(specs)}
 
 
-def summary_table(run: dict, specs: list[Spec]) -> list[str]:
+def summary_table(specs: list[Spec], run: dict) -> list[str]:
     """Per method, mean ± std over seeds: start, minimum (each seed's) and end of both distances."""
     fmt = lambda ms, digits=4: f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"  # noqa: E731
     lines = ["| method | lr | beta | start forget | start retain | min forget | step of min | end forget "
@@ -442,9 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config) -> list[str]:
     """Every option in its range and the output directory writable (created) before any work starts;
-    all problems in one SyntheticError."""
+    -> every problem found (empty: valid)."""
     problems, lowest = [], {"collapse_steps": 0}
     for f in fields(Config):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
@@ -468,16 +461,13 @@ def validate(cfg: Config) -> None:
             raise PermissionError(13, "not writable")
     except OSError as e:
         problems.append(f"--out-dir {cfg.out_dir}: cannot write there ({e.strerror})")
-    if problems:
-        raise SyntheticError("; ".join(problems))
+    return problems
 
 
 def main(argv=None) -> int:
     cfg = Config(**vars(build_parser().parse_args(argv)))
-    try:
-        validate(cfg)
-    except SyntheticError as e:
-        print(f"train_synthetic.py: error: {e}", file=sys.stderr)
+    if problems := validate(cfg):
+        print(f"train_synthetic.py: error: {'; '.join(problems)}", file=sys.stderr)
         return 2
     try:
         run_experiment(cfg, argv)
@@ -498,7 +488,7 @@ def run_experiment(cfg: Config, argv=None) -> None:
     sizes = {name: getattr(cfg, name) for name in ("d", "n_features", "n_retain", "n_forget", "n_eval")}
     needs_alpha_1 = cfg.collapse_steps or cfg.sweep_beta
     # the draws come from torch's global RNG, one seed after the other: not in threads
-    tasks = {alpha: make_task(alpha, cfg.seeds, **sizes) for alpha in sorted({*cfg.alphas, *([1.0] * needs_alpha_1)})}
+    tasks = {alpha: make_task(alpha, cfg.seeds, **sizes) for alpha in sorted({*cfg.alphas, *([1.0] if needs_alpha_1 else [])})}
     print(f"data drawn at {time.perf_counter() - t_start:.1f} s", flush=True)
     jobs = {f"alpha={alpha:g}": (tasks[alpha], [spec(label, alpha) for label in cfg.methods], cfg.steps, cfg.eval_every)
             for alpha in cfg.alphas}
@@ -519,7 +509,7 @@ def run_experiment(cfg: Config, argv=None) -> None:
     elapsed = time.perf_counter() - t_start
     records = {"config": dataclasses.asdict(cfg)} | {name: run_record(jobs[name][0], *runs[name]) for name in runs}
     if "collapse" in runs:
-        records["collapse"]["fits"] = collapse_rates(runs["collapse"][1], runs["collapse"][0])
+        records["collapse"]["fits"] = collapse_rates(*runs["collapse"])
 
     command = " ".join(["python train_synthetic.py", *(sys.argv[1:] if argv is None else argv)])
     lines = ["# Synthetic experiment (NPO paper, Figure 2)", "", f"`{command}`: {elapsed:.1f} s (figures "
@@ -532,7 +522,7 @@ def run_experiment(cfg: Config, argv=None) -> None:
         lines += [f"## alpha = {alpha:g}", "", f"Fits ({cfg.fit_steps} gradient-descent steps, lr {cfg.fit_lr:g}): "
                   f"final gradient norm of the fine-tuned model {max(grads['finetuned']):.1e}, of the retain "
                   f"model {max(grads['retain']):.1e} (largest over seeds).", ""]
-        lines += summary_table(runs[f"alpha={alpha:g}"][1], runs[f"alpha={alpha:g}"][0]) + [""]
+        lines += summary_table(*runs[f"alpha={alpha:g}"]) + [""]
     if "collapse" in runs:
         lines += [f"## Collapse rate (alpha = 1, lr {COLLAPSE_LR:g}, {cfg.collapse_steps} steps)", "",
                   f"The seed mean of ||a_t - a_0|| fitted against t and against log t over steps "
@@ -543,7 +533,7 @@ def run_experiment(cfg: Config, argv=None) -> None:
                   f"| {fits['log'][1]:.4f} |" for label, fits in records["collapse"]["fits"].items()] + [""]
     if "beta_sweep" in runs:
         lines += [f"## Beta sweep (alpha = 1, lr {SWEEP_LR:g}, {SWEEP_STEPS} steps)", ""]
-        lines += summary_table(runs["beta_sweep"][1], runs["beta_sweep"][0]) + [""]
+        lines += summary_table(*runs["beta_sweep"]) + [""]
     summary = "\n".join(lines)
     data.write_atomic(os.path.join(cfg.out_dir, "trajectories.json"), json.dumps(strict_json(records)))
     data.write_atomic(os.path.join(cfg.out_dir, "summary.md"), summary + "\n")

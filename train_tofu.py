@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,6 @@ import npo
 import model as models
 import report
 import tofu_style
-from tofu_style import write_tofu_style_dataset
 
 
 def option(default, help, **checks):
@@ -195,16 +194,14 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.data_dir is None or Path(cfg.data_dir).is_dir(), f"--data-dir {cfg.data_dir}: not a directory")
     if split_ok and cfg.data_dir and Path(cfg.data_dir).is_dir():
         run = Run(cfg)
-        missing = [f"{s}.json" for s in dict.fromkeys(data_splits(run)) if not (run.data_dir / f"{s}.json").is_file()]
+        missing = [f"{s}.json" for s in data_splits(run) if not (run.data_dir / f"{s}.json").is_file()]
         missing += [] if (run.data_dir / data.IDK_FILE).is_file() else [data.IDK_FILE]
         need(not missing, f"--data-dir {cfg.data_dir}: no {', '.join(missing)} (for --split {cfg.split})")
         if retain is not None and not missing:  # Forget Quality compares the same questions
             split = tofu_eval.default_eval_forget_split(run.data_dir, cfg.split)
             try:
-                n = len(data.load_split(run.data_dir, split)[:cfg.ds_size])
-                need(retain_rows == list(range(n)) and retain.get("split", split) == split,
-                     f"--retain-logs: {cfg.retain_logs} holds {len(retain_rows)} rows of {retain.get('split', 'an unrecorded split')}; "
-                     f"this run evaluates {n} rows of {split} (--ds-size {cfg.ds_size})")
+                why = tofu_eval.retain_rows_mismatch(retain, retain_rows, cfg.retain_logs, run.data_dir, split, cfg.ds_size)
+                need(why is None, f"--retain-logs: {why}")
             except data.DataError as e:
                 problems.append(f"--data-dir: {e}")
     need(not cfg.run_name or Path(cfg.run_name).name == cfg.run_name != "..", f"--run-name {cfg.run_name!r}: expected a directory name, not a path")
@@ -268,6 +265,7 @@ class Run:
         self.dir = Path(cfg.out_dir) / name
         self.data_dir = Path(cfg.data_dir) if cfg.data_dir else self.dir / "data"
         self.retain_split = data.retain_split_for(cfg.split)
+        self.methods = methods_of(cfg)
 
     def claim(self) -> None:
         """A run directory belongs to one configuration: refuse another, naming what differs."""
@@ -282,12 +280,15 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "config.json", {**asdict(self.cfg), "torch": torch.__version__})
 
-    def load(self, model_dir, device=None, dtype=None):
-        cfg = self.cfg
-        dtype = dtype or getattr(torch, cfg.dtype)
-        net = models.from_pretrained(model_dir, dtype=dtype, device=device or cfg.device)
-        net.gradient_checkpointing = cfg.grad_checkpointing
+    def load(self, model_dir):
+        net = models.from_pretrained(model_dir, dtype=getattr(torch, self.cfg.dtype), device=self.cfg.device)
+        net.gradient_checkpointing = self.cfg.grad_checkpointing
         return net
+
+    def retain_logs(self) -> dict:
+        """The retain model's forget log, which Forget Quality compares against."""
+        where = Path(self.cfg.retain_logs) if self.cfg.retain_logs else self.dir / "eval" / "retain"
+        return tofu_eval.read_logs(where, (tofu_eval.FORGET_STEM,))
 
     def tokenizer(self, model_dir):
         tok = data.load_tokenizer(model_dir)
@@ -344,43 +345,44 @@ def train(net, loss_fn, n_examples: int, *, epochs: int, lr: float, cfg: Config,
         log(f"[{tag}] epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
             + f" | {time.time() - t0:.0f}s, eta {eta:.0f}s" + (f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""))
         if on_epoch_end is not None:
-            on_epoch_end(epoch, means, optimizer)
+            on_epoch_end(epoch, means)
     return "ok"
 
 
+def mixed_precision(cfg: Config) -> bool:
+    # fp32 weights on CUDA compute in bf16 (fp32 master weights); bf16 weights need nothing more
+    return cfg.device.startswith("cuda") and cfg.dtype == "float32"
+
+
 def autocast(cfg: Config):
-    # fp32 weights on CUDA train under bf16 autocast (fp32 master weights); bf16 weights need none
-    enabled = cfg.device.startswith("cuda") and cfg.dtype == "float32"
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=mixed_precision(cfg))
 
 
 class Pairs:
     """Encoded (question, answer) pairs, batched on demand."""
 
-    def __init__(self, tok, fmt, rows, cfg: Config, limit: int | None, where: str):
+    def __init__(self, tok, fmt, rows, cfg: Config):
         self.pairs = [data.encode_qa(tok, fmt, r["question"], r["answer"]) for r in rows]
-        self.pad_id, self.device = tok.pad_id, cfg.device
-        longest = max((len(ids) for ids, _ in self.pairs), default=0)
-        if limit is not None and longest > limit:
-            raise ConfigError(f"{where}: a question-answer pair has {longest} tokens, more than the model's {limit} positions")
+        self.pad_id, self.cfg = tok.pad_id, cfg
 
     def __len__(self):
         return len(self.pairs)
 
     def batch(self, idx):
-        return tuple(t.to(self.device) for t in data.collate([self.pairs[i] for i in idx], self.pad_id))
+        return tuple(t.to(self.cfg.device) for t in data.collate([self.pairs[i] for i in idx], self.pad_id))
 
-    def scores(self, net, idx, cfg: Config, ref=None) -> npo.Scores:
-        logp, n = models.answer_logprob(net, *self.batch(idx), fused=cfg.logprob == "fused")
+    def scores(self, net, idx, ref=None) -> npo.Scores:
+        logp, n = models.answer_logprob(net, *self.batch(idx), fused=self.cfg.logprob == "fused")
         return npo.Scores(logp, n, None if ref is None else ref[idx].to(logp.device))
 
     @torch.no_grad()
-    def reference(self, net, cfg: Config) -> torch.Tensor:
+    def reference(self, net) -> torch.Tensor:
+        cfg = self.cfg
         net.eval()
         share = distributed.rank_share([range(s, min(s + cfg.eval_batch_size, len(self))) for s in range(0, len(self), cfg.eval_batch_size)])
         with autocast(cfg):
             computed = npo.precompute_ref_logprobs(lambda ids, lab: models.answer_logprob(net, ids, lab, cfg.logprob == "fused"),
-                                                   [self.batch(idx) for idx, _ in share]).cpu()
+                                                   (self.batch(idx) for idx, _ in share)).cpu()
         # --- distributed: each value from the process that computed it, zeros elsewhere; summed
         logp, positions = torch.zeros(len(self)), [i for idx, mine in share if mine for i in idx]
         logp[positions] = computed[:len(positions)]
@@ -389,7 +391,7 @@ class Pairs:
 
 # ----------------------------------------------------------------------------- stages
 
-def finished(path: Path, load=lambda path: None) -> bool:
+def finished(path: Path, load) -> bool:
     """Whether path holds a finished stage whose output loads; a broken one is rebuilt, with a
     warning, never trusted and never a crash."""
     if read_json(path / "done.json") is None:
@@ -419,10 +421,10 @@ def finish_stage(path: Path, net, tok, info: dict) -> None:
 
 def prepare_data(run: Run):
     """The data (generated for the built-in run), the tokenizer, and a check that every pair fits
-    the model, before any training: (tokenizer, prompt format)."""
+    the model, before any training -> the tokenizer."""
     cfg = run.cfg
     if not cfg.data_dir and not finished(run.data_dir, lambda path: [data.load_split(path, s) for s in data_splits(run)]):
-        write_tofu_style_dataset(run.data_dir, n_authors=cfg.n_authors, seed=cfg.data_seed)
+        tofu_style.write_tofu_style_dataset(run.data_dir, n_authors=cfg.n_authors, seed=cfg.data_seed)
         write_json(run.data_dir / "done.json", {"n_authors": cfg.n_authors, "seed": cfg.data_seed})
     model_dir = cfg.model or cfg.base_model
     if model_dir:
@@ -436,18 +438,22 @@ def prepare_data(run: Run):
             write_json(tokenizer_dir / "done.json", {"vocab_size": tok.n_vocab})
         tok, fmt, limit = data.load_tokenizer(tokenizer_dir), data.PROMPT_FORMATS["qa"], cfg.block_size
     # every pair trained on, and every answer, paraphrase and perturbed answer scored, must fit
-    splits = tofu_eval.eval_splits(tofu_eval.default_eval_forget_split(run.data_dir, cfg.split))
+    eval_data = {s.data_split for s in tofu_eval.eval_splits(tofu_eval.default_eval_forget_split(run.data_dir, cfg.split))}
+    eval_answers = []
     for split in data_splits(run):
         rows = data.load_split(run.data_dir, split)
-        if split in {s.data_split for s in splits}:
+        if split in eval_data:
+            eval_answers += [r["answer"] for r in rows[:cfg.ds_size]]
             rows = [{"question": r["question"], "answer": a} for r in rows[:cfg.ds_size]
                     for a in (r["answer"], r.get("paraphrased_answer"), *r["perturbed_answer"]) if a]
-        Pairs(tok, fmt, rows, cfg, limit, f"{'' if model_dir else f'--block-size {limit}: '}{run.data_dir}/{split}.json")
+        longest = max((len(data.encode_qa(tok, fmt, r["question"], r["answer"])[0]) for r in rows), default=0)
+        if longest > limit:
+            raise ConfigError(f"{'' if model_dir else f'--block-size {limit}: '}{run.data_dir}/{split}.json: a "
+                              f"question-answer pair has {longest} tokens, more than the model's {limit} positions")
     if cfg.max_new_tokens is None and not model_dir:
         # a faithful answer ends by then, and a degenerate one need not run to TOFU's bound
-        cfg.max_new_tokens = 1 + max(len(tok.encode(" " + row["answer"])) for split in splits
-                                     for row in data.load_split(run.data_dir, split.data_split)[:cfg.ds_size])
-    return tok, fmt
+        cfg.max_new_tokens = 1 + max(len(tok.encode(" " + answer)) for answer in eval_answers)
+    return tok
 
 
 def data_splits(run: Run) -> list[str]:
@@ -465,9 +471,9 @@ def build_target_and_retain(run: Run, tok, workers: int) -> None:
         torch.manual_seed(cfg.seed)
         net = distribute(models.GPT(models.GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
                                                      n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device), cfg)
-        pairs = Pairs(tok, data.PROMPT_FORMATS["qa"], base_rows(run.data_dir), cfg, None, "")
+        pairs = Pairs(tok, data.PROMPT_FORMATS["qa"], base_rows(run.data_dir), cfg)
         log(f"stage base: {net.num_params() / 1e6:.2f}M-parameter GPT from scratch on {len(pairs)} pairs")
-        status = train(net, lambda idx: nll_loss(net, pairs, idx, cfg), len(pairs), epochs=cfg.base_epochs,
+        status = train(net, lambda idx: nll_loss(net, pairs, idx), len(pairs), epochs=cfg.base_epochs,
                        lr=cfg.base_lr, cfg=cfg, seed=cfg.seed, tag="base")
         finish_stage(base, net, tok, {"status": status, "seconds": time.time() - t0})
     jobs = [(which, split) for which, split in (("target", "full"), ("retain", run.retain_split))
@@ -480,8 +486,8 @@ def base_rows(data_dir) -> list[dict]:
     return data.load_split(data_dir, "real_authors") + data.load_split(data_dir, "world_facts")
 
 
-def nll_loss(net, pairs: Pairs, idx, cfg: Config):
-    loss = npo.retain_nll(*pairs.scores(net, idx, cfg)[:2])
+def nll_loss(net, pairs: Pairs, idx):
+    loss = npo.retain_nll(*pairs.scores(net, idx)[:2])
     return loss, {"loss": loss.item()}
 
 
@@ -494,9 +500,9 @@ def finetune_job(cfg: Config, base_dir: str, which: str, split: str) -> None:
     rows = data.load_split(run.data_dir, split)
     if not cfg.base_model and cfg.mix_base:  # a tiny model otherwise overwrites what it knew
         rows = rows + base_rows(run.data_dir)
-    pairs = Pairs(tok, fmt, rows, cfg, None, split)  # lengths checked in prepare_data
+    pairs = Pairs(tok, fmt, rows, cfg)  # lengths checked in prepare_data
     log(f"stage {which}: fine-tune {base_dir} on {split} ({len(pairs)} pairs), {cfg.finetune_epochs} epochs")
-    status = train(net, lambda idx: nll_loss(net, pairs, idx, cfg), len(pairs), epochs=cfg.finetune_epochs,
+    status = train(net, lambda idx: nll_loss(net, pairs, idx), len(pairs), epochs=cfg.finetune_epochs,
                    lr=cfg.finetune_lr, cfg=cfg, seed=cfg.seed + 1, tag=which)
     finish_stage(run.dir / which, net, tok, {"status": status, "split": split, "seconds": time.time() - t0})
 
@@ -534,38 +540,36 @@ def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
     out = run.dir / "unlearn" / name / f"seed{seed}"
     if finished(out, check_job_records):
         return
-    method = npo.get_method(name)
-    method = npo.Method(method.forget, method.retain, cfg.forget_coef, cfg.retain_coef)
+    method = replace(npo.get_method(name), forget_coef=cfg.forget_coef, retain_coef=cfg.retain_coef)
     net = distribute(run.load(target_dir), cfg)
     # --- distributed: before any forward, after which FSDP keeps the root's parameters gathered
     optimizer = make_optimizer(net, cfg.lr, cfg)
     tok, fmt = run.tokenizer(target_dir)
     # pi_ref as a model only where a term needs it on changing batches (KL); frozen, in cfg.dtype
     ref_model = distribute(run.load(target_dir).eval().requires_grad_(False), cfg, frozen=True) if method.needs_ref_model else None
-    retain_logs = tofu_eval.read_logs(Path(cfg.retain_logs) if cfg.retain_logs else run.dir / "eval" / "retain",
-                                      (tofu_eval.FORGET_STEM,))
+    retain_logs = run.retain_logs()
     forget_rows = data.load_split(run.data_dir, cfg.split)
     retain_rows = data.load_split(run.data_dir, run.retain_split)
     idk_answers = data.load_idk(run.data_dir)
-    forget = Pairs(tok, fmt, forget_rows, cfg, None, cfg.split)
+    forget = Pairs(tok, fmt, forget_rows, cfg)
     retain = Pairs(tok, fmt, [retain_rows[(i + first_draw(i, len(retain_rows))) % len(retain_rows)]
-                              for i in range(len(forget_rows))], cfg, None, run.retain_split)
+                              for i in range(len(forget_rows))], cfg)
     idk = Pairs(tok, fmt, [{"question": r["question"], "answer": idk_answers[first_draw(i, len(idk_answers))]}
-                           for i, r in enumerate(forget_rows)], cfg, None, "idontknow")
+                           for i, r in enumerate(forget_rows)], cfg)
     # pi_ref on the forget and IDK answers, cached once: net is still the target here (resume() below
     # loads a saved state into it afterwards)
-    forget_ref, idk_ref = forget.reference(net, cfg), idk.reference(net, cfg) if method.needs_idk else None
+    forget_ref, idk_ref = forget.reference(net), idk.reference(net) if method.needs_idk else None
     retain_scores = {  # the retain term's per-sequence inputs
-        "nll": lambda idx: retain.scores(net, idx, cfg),
+        "nll": lambda idx: retain.scores(net, idx),
         "kl": lambda idx: npo.Scores(*models.answer_kl(net, ref_model, *retain.batch(idx), all_positions=cfg.kl_positions == "all")),
     }
 
     def loss_fn(idx):
         return npo.unlearning_loss(
             method,
-            forget=forget.scores(net, idx, cfg, forget_ref) if method.needs_forget else None,
+            forget=forget.scores(net, idx, forget_ref) if method.needs_forget else None,
             retain=retain_scores[method.retain](idx) if method.retain else None,
-            idk=idk.scores(net, idx, cfg, idk_ref) if method.needs_idk else None,
+            idk=idk.scores(net, idx, idk_ref) if method.needs_idk else None,
             beta=cfg.beta, delta=cfg.delta)
 
     resumed = resume(out, net, optimizer)
@@ -574,7 +578,7 @@ def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
     start_epoch, seconds = resumed
     t0 = time.time() - seconds
 
-    def on_epoch_end(epoch, train_stats, optimizer):
+    def on_epoch_end(epoch, train_stats):
         logs = evaluate(run, net, tok, fmt, ref=ref_model)
         # the whole model and optimizer state, keyed by parameter name, the same from one process,
         # DDP or FSDP (on rank 0, sharded ones gathered; empty elsewhere)
@@ -613,10 +617,11 @@ def first_draw(i: int, n: int) -> int:
     return torch.randint(n, (1,), generator=torch.Generator().manual_seed(i)).item()
 
 
-def check_job_records(out: Path) -> None:
-    for k in range(1, read_json(out / "done.json")["epochs"] + 1):
+def check_job_records(out: Path, epochs: int | None = None) -> None:
+    """The records of epochs 1..epochs (None: as many as done.json says) are there and read."""
+    for k in range(1, (epochs if epochs is not None else read_json(out / "done.json")["epochs"]) + 1):
         if read_json(out / f"epoch_{k:03d}.json") is None:
-            raise ValueError(f"the record of epoch {k} is missing")
+            raise ValueError(f"the record of epoch {k} is missing or unreadable")
 
 
 def resume(out: Path, net, optimizer) -> tuple[int, float] | None:
@@ -629,8 +634,7 @@ def resume(out: Path, net, optimizer) -> tuple[int, float] | None:
         try:
             state = torch.load(out / "state.pt", map_location="cpu", weights_only=True, mmap=True)
             epoch, seconds = int(state["epoch"]), float(state["seconds"])
-            if any(read_json(out / f"epoch_{k:03d}.json") is None for k in range(1, epoch + 1)):
-                raise ValueError("an epoch record is missing or unreadable")
+            check_job_records(out, epoch)
             # each process takes its part of the whole state (its shard under FSDP)
             set_state_dict(distributed.resharded(net), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                            options=StateDictOptions(full_state_dict=True))
@@ -684,10 +688,11 @@ def init_distributed(cfg: Config) -> None:
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {cfg.device}: under torchrun give --device cuda (each process takes its own GPU)")
     distributed.init(cfg.device == "cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if parallel_mode(cfg) == "fsdp" and cfg.optimizer == "adafactor":
+    cfg.parallel = parallel_mode(cfg)  # auto resolved once (config.json keeps what was asked)
+    if cfg.parallel == "fsdp" and cfg.optimizer == "adafactor":
         raise ConfigError(f"--optimizer adafactor: torch {torch.__version__}'s Adafactor cannot step FSDP's sharded "
                           "parameters; use --optimizer adamw with FSDP")
-    log(f"{dist.get_world_size()} processes, {parallel_mode(cfg)}")
+    log(f"{dist.get_world_size()} processes, {cfg.parallel}")
 
 
 def memory_config(cfg: Config) -> models.GPTConfig:
@@ -707,6 +712,20 @@ def memory_needed(cfg: Config, n_shards: int = 1) -> dict:
         activation_dtype=torch.bfloat16 if cfg.device.startswith("cuda") else None)
 
 
+def print_memory_estimate(cfg: Config) -> None:
+    """--dry-run: the model's size, the setting, and memory_needed per device (and under FSDP)."""
+    with torch.device("meta"):  # shapes only: a 7B model costs nothing here
+        n_params = models.GPT(memory_config(cfg)).num_params()
+    weights = cfg.dtype + (" under bf16 autocast" if mixed_precision(cfg) else "")
+    print(f"{cfg.model or cfg.base_model or 'built-in GPT'}: {n_params / 1e6:,.1f}M parameters, {weights} "
+          f"weights, {cfg.optimizer}, micro-batches of {cfg.micro_batch_size} forget + "
+          f"{cfg.micro_batch_size} retain pairs, gradient checkpointing {'on' if cfg.grad_checkpointing else 'off'}, "
+          f"{cfg.logprob} log-probs; per device:")
+    print(models.format_memory(memory_needed(cfg)))
+    if cfg.optimizer != "adafactor":  # refused under FSDP (init_distributed)
+        print("FSDP, per GPU: " + ", ".join(f"{n} GPUs {memory_needed(cfg, n)['total'] / 2**30:.2f} GiB" for n in (2, 4, 8)))
+
+
 def parallel_mode(cfg: Config) -> str:
     """--parallel; auto: ddp where the estimate for one device fits 90% of this GPU (the rest for
     the CUDA context and the allocator's slack), else fsdp."""
@@ -718,8 +737,7 @@ def parallel_mode(cfg: Config) -> str:
 
 def distribute(net, cfg: Config, frozen: bool = False):
     """net, or under torchrun net in DDP or FSDP2 (bf16 compute from fp32 weights where autocast() would run)."""
-    mixed = cfg.device.startswith("cuda") and cfg.dtype == "float32"
-    return distributed.wrap(net, parallel_mode(cfg), mixed, frozen) if dist.is_initialized() else net
+    return distributed.wrap(net, parallel_mode(cfg), mixed_precision(cfg), frozen) if dist.is_initialized() else net
 
 
 # ----------------------------------------------------------------------------- main
@@ -729,33 +747,24 @@ def run_experiment(cfg: Config) -> Path:
     setup_process(cfg)
     run = Run(cfg)
     if cfg.dry_run:
-        with torch.device("meta"):  # shapes only: a 7B model costs nothing here
-            n_params = sum(p.numel() for p in models.GPT(memory_config(cfg)).parameters())
-        weights = cfg.dtype + (" under bf16 autocast" if cfg.device.startswith("cuda") and cfg.dtype == "float32" else "")
-        print(f"{cfg.model or cfg.base_model or 'built-in GPT'}: {n_params / 1e6:,.1f}M parameters, {weights} "
-              f"weights, {cfg.optimizer}, micro-batches of {cfg.micro_batch_size} forget + "
-              f"{cfg.micro_batch_size} retain pairs, gradient checkpointing {'on' if cfg.grad_checkpointing else 'off'}, "
-              f"{cfg.logprob} log-probs; per device:")
-        print(models.format_memory(memory_needed(cfg)))
-        if cfg.optimizer != "adafactor":  # refused under FSDP (init_distributed)
-            print("FSDP, per GPU: " + ", ".join(f"{n} GPUs {memory_needed(cfg, n)['total'] / 2**30:.2f} GiB" for n in (2, 4, 8)))
+        print_memory_estimate(cfg)
         return run.dir
     run.claim()
     init_distributed(cfg)  # --- distributed
     workers = 1 if cfg.device.startswith("cuda") or dist.is_initialized() else cfg.workers
     log(f"run {run.dir}: {cfg.split}, methods {cfg.methods}, seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}, "
         f"{workers} worker(s) x {cfg.threads} thread(s), torch {torch.__version__}")
-    tok, _ = distributed.rank0_first(prepare_data, run)  # --- distributed: rank 0 makes the data and tokenizer
+    tok = distributed.rank0_first(prepare_data, run)  # --- distributed: rank 0 makes the data and tokenizer
     if not cfg.model:
         build_target_and_retain(run, tok, workers)
     target_dir = cfg.model or str(run.dir / "target")
     retain_dir = cfg.retain_model or str(run.dir / "retain")
     evals = [(cfg, target_dir, "target")] + ([] if cfg.retain_logs else [(cfg, retain_dir, "retain")])
     parallel(eval_job, [job for job in evals if not finished(run.dir / "eval" / job[2], tofu_eval.read_logs)], workers)
-    jobs = [(cfg, target_dir, name, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds) for name in methods_of(cfg)]
+    jobs = [(cfg, target_dir, name, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds) for name in run.methods]
     parallel(unlearn_job, jobs, workers)
     if distributed.is_main():  # --- distributed
-        report.write(run, target_dir)
+        report.write(run)
     log(f"done in {time.time() - t_start:.0f}s: {run.dir}")
     return run.dir
 

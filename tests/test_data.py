@@ -306,21 +306,6 @@ def test_batch_indices_deterministic_partition():
     assert data.batch_indices(0, 2, seed=0) == []
 
 
-def test_bucketed_batches_cover_each_index_once_and_cut_padding():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(10, 200, size=1000).tolist()
-    b1 = data.bucketed_batch_indices(lengths, 16, seed=3, epoch=1)
-    assert sorted(i for b in b1 for i in b) == list(range(1000))
-    assert b1 == data.bucketed_batch_indices(lengths, 16, seed=3, epoch=1)
-    assert b1 != data.bucketed_batch_indices(lengths, 16, seed=3, epoch=2)
-
-    def padded(batches):  # tokens a right-padded batch holds
-        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
-
-    plain = data.batch_indices(1000, 16, seed=3, epoch=1)
-    assert padded(b1) < 0.75 * padded(plain)
-
-
 # ---------------------------------------------------------------------------------------------- generator
 
 
