@@ -9,14 +9,13 @@ biases, block layout); the defaults are the project's from-scratch GPT.
     from_pretrained           a Hugging Face model directory (config.json + safetensors) -> GPT
     save_pretrained           GPT -> a directory that transformers' AutoModelForCausalLM loads
     memory_estimate           bytes for weights, gradients, optimizer state, activations
-    load_checkpoint           the from-scratch GPT's earlier single-file format (npo-gpt-v1)
 """
 
 import json
 import math
 import mmap
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -108,8 +107,7 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of one attention layer, preallocated for the whole decode. With left-padded
-    prompts every row writes its next token into the same column: one slice assignment per step."""
+    """Keys and values of one attention layer, preallocated for the whole decode."""
 
     def __init__(self, max_len: int):
         self.max_len = max_len
@@ -145,10 +143,8 @@ class CausalSelfAttention(nn.Module):
         """rope: (cos, sin) or None. attn_mask: None for plain causal attention, else a boolean
         mask broadcastable to (B, nh, T, T_keys), True = may attend (used with the KV cache)."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, n_kv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, n_kv, T, hs)
+        qkv = self.c_attn(x).split(self.qkv_sizes, dim=2)  # q (B, T, C), k and v (B, T, n_kv * hs)
+        q, k, v = (t.view(B, T, -1, self.head_size).transpose(1, 2) for t in qkv)  # (B, nh or n_kv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -234,12 +230,10 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight  # one (V, C) matrix
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
         """Number of parameters, a tied embedding / lm_head matrix counted once."""
@@ -302,17 +296,12 @@ class GPT(nn.Module):
         if max_new_tokens == 0:
             return [[] for _ in prompts]
         eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=self.lm_head.weight.device)
-        # Batches of similar length waste little compute on padding; results come back in order.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        out = [None] * len(prompts)
+        out = []
         was_training = self.training
         self.eval()
-        try:
-            for s in range(0, len(order), batch_size):
-                rows = order[s:s + batch_size]
-                for i, new in zip(rows, self._generate_batch([prompts[i] for i in rows],
-                                                             max_new_tokens, eos, all_done)):
-                    out[i] = new
+        try:  # batches in the order given (eval.py sorts its prompts by length, to pad little)
+            for s in range(0, len(prompts), batch_size):
+                out += self._generate_batch(prompts[s:s + batch_size], max_new_tokens, eos, all_done)
         finally:
             self.train(was_training)
         return out
@@ -327,11 +316,8 @@ class GPT(nn.Module):
         lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
         T = int(lengths.max())
         total = T + max_new_tokens  # cache columns
-
-        idx = torch.zeros(B, T, dtype=torch.long)  # pad id 0: any valid id, never attended to
-        for b, p in enumerate(prompts):
-            idx[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        idx = idx.to(device)  # (B, T)
+        # pad id 0: any valid id, never attended to
+        idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)  # (B, T)
         # keys[b, j]: cache column j holds a real token of row b (prompt or generated)
         keys = torch.ones(B, total, dtype=torch.bool, device=device)  # (B, total)
         keys[:, :T] = torch.arange(T, device=device)[None, :] >= (T - lengths)[:, None]
@@ -360,11 +346,9 @@ class GPT(nn.Module):
                              keys[:, None, None, :col + 1], caches, col)  # -> (B, 1, C)
             next_tok = self.lm_head(h[:, -1]).argmax(dim=-1)  # (B,)
 
-        result = []
-        new = new[:, :step + 1]
-        for row, is_eos in zip(new.tolist(), torch.isin(new, eos).tolist()):
-            result.append(row[:is_eos.index(True)] if True in is_eos else row)
-        return result
+        new = new[:, :step + 1]  # each row cut before its first end token
+        return [row[:is_eos.index(True)] if True in is_eos else row
+                for row, is_eos in zip(new.tolist(), torch.isin(new, eos).tolist())]
 
 
 # ----------------------------------------------------------------------------- log-probs, KL
@@ -384,16 +368,14 @@ def answer_kl(model: GPT, ref_model: GPT, idx, labels, all_positions: bool = Fal
     and their count: (kl_sum (B,) fp32, count (B,)). all_positions: every position of the padded
     batch instead, question and padding included, as the NPO authors' code does. The reference
     runs without gradient; only the summed positions reach either lm_head."""
-    B, T = idx.shape
+    mask = npo.shift_labels(labels) != npo.IGNORE_INDEX  # (B, T)
     if all_positions:
-        mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
-    else:
-        mask = npo.shift_labels(labels) != npo.IGNORE_INDEX  # (B, T)
+        mask = torch.ones_like(mask)
     with torch.no_grad():
         ref_logits = ref_model.lm_head(ref_model(idx, return_hidden=True)[mask])  # (N, V)
     logits = model.lm_head(model(idx, return_hidden=True)[mask])  # (N, V)
     kl = npo.kl_divergence(logits, ref_logits)  # (N,)
-    return kl.new_zeros(B, T).masked_scatter(mask, kl).sum(dim=1), mask.sum(dim=1)
+    return kl.new_zeros(mask.shape).masked_scatter(mask, kl).sum(dim=1), mask.sum(dim=1)
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -530,7 +512,6 @@ def read_safetensors(path):
     header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw
     little-endian data. The tensors are views of the memory-mapped file, read from disk only when
     copied, so loading never holds a second copy of the weights in memory."""
-    path = Path(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
@@ -707,30 +688,3 @@ def format_memory(estimate: dict) -> str:
     """The estimate as a small table in GiB, for a --dry-run."""
     return "\n".join(f"{name:<12} {nbytes / 2**30:8.2f} GiB" for name, nbytes in estimate.items())
 
-
-# ----------------------------------------------------------------------------- npo-gpt-v1 files
-
-def load_checkpoint(path, map_location="cpu"):
-    """Read a from-scratch GPT saved in the project's earlier single-file format, npo-gpt-v1 (a
-    torch.save'd dict: format, model_config, model = the state_dict, tokenizer, train_config,
-    ...) -> (model, checkpoint dict). Config fields added since then take their defaults."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a missing file, or unpickling errors of many types
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelError(f"{path} is not a readable PyTorch checkpoint: {first_line}") from None
-    found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-    if found != "npo-gpt-v1":
-        raise ModelError(f"{path} has format {found!r}, expected 'npo-gpt-v1' (a bare state_dict?)")
-    stored, state = ckpt.get("model_config"), ckpt.get("model")
-    names = {f.name for f in fields(GPTConfig)}
-    if not isinstance(stored, dict) or not set(stored) <= names or not isinstance(state, dict):
-        raise ModelError(f"{path}: expected a model_config dict with fields among {sorted(names)} "
-                         f"and a state_dict under 'model'")
-    model = GPT(GPTConfig(**stored))
-    try:
-        model.load_state_dict(state)  # copies into the tied parameters; tying survives
-    except RuntimeError as e:  # torch's message lists missing, unexpected and misshapen tensors
-        raise ModelError(f"{path}: weights do not match model_config {stored}: {e}") from None
-    return model.to(map_location), ckpt

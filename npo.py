@@ -10,10 +10,6 @@ Conventions:
 - A sequence's log-prob log pi(y|x) is the SUM of its answer tokens' log-probs, in fp32.
 - Every loss is a pure function of per-example tensors of shape (B,), so it serves any model that
   yields them: a language model (y = an answer) or the synthetic classifier (y = one label).
-
-Reading order: the log-prob, the losses, the method table and `unlearning_loss` (the one entry
-point every experiment calls), the cached reference, and last the fused log-prob path, which
-gives the same numbers as `sequence_logprob` without ever building the (B, T, V) logits.
 """
 
 from dataclasses import dataclass
@@ -262,14 +258,9 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(512, (1 << 23) // vocab_size)
 
 
-def _chunk_logits(h, weight, bias):
-    """h (n, C) -> fp32 logits (n, V) (fp64 stays fp64); the matmul runs in the weights' dtype,
-    like the plain path's lm_head(h) followed by the upcast."""
-    return _upcast(F.linear(h, weight, bias))
-
-
 class _LinearLogprob(torch.autograd.Function):
-    """token_logp[j] = log_softmax(h[j] @ weight.T + bias)[target[j]], chunk by chunk."""
+    """token_logp[j] = log_softmax(h[j] @ weight.T + bias)[target[j]], chunk by chunk. Each chunk's
+    matmul runs in the weights' dtype, then upcasts, like the plain path's lm_head(h) and log-prob."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_size):
@@ -277,7 +268,7 @@ class _LinearLogprob(torch.autograd.Function):
         lse = torch.empty(h.shape[0], dtype=torch.promote_types(weight.dtype, torch.float32), device=h.device)  # (N,)
         label = torch.empty_like(lse)  # (N,)
         for s in range(0, h.shape[0], chunk_size):
-            logits = _chunk_logits(h[s:s + chunk_size], weight, bias)  # (n, V)
+            logits = _upcast(F.linear(h[s:s + chunk_size], weight, bias))  # (n, V)
             label[s:s + chunk_size] = logits.gather(1, targets[s:s + chunk_size, None]).squeeze(1)
             shift = logits.amax(dim=1)  # logsumexp in place: one (n, V) block at a time
             lse[s:s + chunk_size] = shift + logits.sub_(shift[:, None]).exp_().sum(dim=1).log_()
@@ -299,7 +290,7 @@ class _LinearLogprob(torch.autograd.Function):
             for s in range(0, h.shape[0], ctx.chunk_size):
                 e = min(s + ctx.chunk_size, h.shape[0])
                 # d(g * log_softmax[target]) / d logits = g * (onehot(target) - softmax), in place
-                grad_logits = _chunk_logits(h[s:e], weight, bias).sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None])
+                grad_logits = _upcast(F.linear(h[s:e], weight, bias)).sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None])
                 grad_logits.scatter_add_(1, targets[s:e, None], g[s:e, None])  # (n, V)
                 if need_h:
                     grad_h[s:e] = grad_logits.to(weight.dtype) @ weight
