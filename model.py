@@ -111,16 +111,13 @@ class KVCache:
 
     def __init__(self, max_len: int):
         self.max_len = max_len
-        self.k = None  # (B, n_kv, max_len, hs), allocated on first use with the incoming dtype
-        self.v = None
+        self.k = self.v = None  # (B, n_kv, max_len, hs) each, allocated on first use
 
     def update(self, k, v, start: int):
         # k, v: (B, n_kv, T, hs) for cache columns [start, start + T)
-        if self.k is None:
-            # Allocate lazily so the cache takes k's dtype (bf16 under autocast) and device.
-            B, n_kv, _, hs = k.shape
-            self.k = k.new_empty(B, n_kv, self.max_len, hs)
-            self.v = v.new_empty(B, n_kv, self.max_len, hs)
+        if self.k is None:  # allocated lazily so the cache takes k's dtype (bf16 under autocast) and device
+            shape = (*k.shape[:2], self.max_len, k.shape[3])  # (B, n_kv, max_len, hs)
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
         end = start + k.size(2)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
