@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import data
@@ -71,8 +72,9 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     t0 = time.time()
     for epoch in range(cfg.max_epochs):
-        for idx in data.batch_indices(len(pairs), cfg.batch_size, cfg.seed, epoch):
-            ids, labels = data.collate([pairs[i] for i in idx], tok.pad_id)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(pairs)).tolist()  # a function of (seed, epoch)
+        for start in range(0, len(pairs), cfg.batch_size):
+            ids, labels = data.collate([pairs[i] for i in order[start : start + cfg.batch_size]], tok.pad_id)
             logp, n = npo.sequence_logprob(model(ids), labels)
             loss = npo.retain_nll(logp, n)
             opt.zero_grad(set_to_none=True)

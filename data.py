@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import regex  # installed with tiktoken; the split patterns need \p{L} and possessive quantifiers
 import tiktoken
 import tiktoken.load
@@ -169,15 +168,6 @@ def _train_bpe(texts: Iterable[str], vocab_size: int) -> tuple[dict[bytes, int],
     return ranks, dict(zip(word_freq, words))
 
 
-def _check_ranks(ranks: dict[bytes, int], source: str) -> None:
-    n = len(ranks)
-    if sorted(ranks.values()) != list(range(n)):
-        raise DataError(f"{source}: ranks must be exactly 0..{n - 1}, each once (a cut or edited file?)")
-    missing = [i for i in range(256) if bytes([i]) not in ranks]
-    if missing:
-        raise DataError(f"{source}: every single byte must be a token; missing byte {missing[0]}")
-
-
 def _read_ranks(path) -> dict[bytes, int]:
     """A tiktoken rank file, parsed by tiktoken.load. It is given the file's hash, because its cache
     is keyed by path and would otherwise return an older file that was at the same path."""
@@ -191,7 +181,11 @@ def _read_ranks(path) -> dict[bytes, int]:
         raise DataError(f"{path}: expected tiktoken's '<base64 token> <rank>' lines ({e})") from None
     if not ranks:
         raise DataError(f"{path}: no ranks (expected tiktoken's '<base64 token> <rank>' lines)")
-    _check_ranks(ranks, str(path))
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise DataError(f"{path}: ranks must be exactly 0..{len(ranks) - 1}, each once (a cut or edited file?)")
+    missing = [i for i in range(256) if bytes([i]) not in ranks]
+    if missing:
+        raise DataError(f"{path}: every single byte must be a token; missing byte {missing[0]}")
     return ranks
 
 
@@ -200,12 +194,6 @@ def bytes_to_unicode() -> dict[int, str]:
     printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
     extra = iter(range(256, 512))
     return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
-
-
-def _with_gaps(pattern: str) -> str:
-    # Hugging Face's Split (behavior Isolated) keeps the text between matches as pieces; tiktoken and
-    # findall would drop it. For patterns that match everywhere (all of the known ones) nothing changes.
-    return f"(?:{pattern})|(?:(?!(?:{pattern}))[\\s\\S])+"
 
 
 class MergeBPE:
@@ -317,14 +305,14 @@ def _tiktoken_ranks(vocab: dict[str, int], merges: list[tuple[str, str]], ignore
     a word that is itself a token is taken whole (ignore_merges, tiktoken's shortcut): as
     tokenizer.json files converted from tiktoken are built (Llama-3's). A trained list, one pair per
     token (GPT-2's, Qwen2's), lets tiktoken merge pairs it does not list; MergeBPE encodes those."""
-    index = {pair: i for i, pair in enumerate(merges)}
-    if not ignore_merges or len(index) != len(merges):
+    listed = set(merges)
+    if not ignore_merges or len(listed) != len(merges):
         return None
     n_splits = 0
     for token in vocab:
         for k in range(1, len(token)):
             if token[:k] in vocab and token[k:] in vocab:
-                if (token[:k], token[k:]) not in index:
+                if (token[:k], token[k:]) not in listed:
                     return None
                 n_splits += 1
     if n_splits != len(merges) or any(vocab[a + b] > vocab[c + d] for (a, b), (c, d) in zip(merges, merges[1:])):
@@ -365,9 +353,8 @@ class Tokenizer:
                 ids.append(self.added[part])
             elif part:
                 part = unicodedata.normalize("NFC", part) if self.nfc else part
-                is_first = first and k == 0
                 ids += (self.encoding.encode_ordinary(part) if isinstance(self.encoding, tiktoken.Encoding)
-                        else self.encoding.encode_ordinary(part, is_first))
+                        else self.encoding.encode_ordinary(part, first and k == 0))
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -423,7 +410,6 @@ def _hf_files(ranks: dict[bytes, int], pattern: str, special: dict[str, int], bo
 def bpe_tokenizer(ranks: dict[bytes, int]) -> Tokenizer:
     """This project's BPE over `ranks` (from train_bpe): GPT-2's split pattern; <|endoftext|>, id
     len(ranks), ends answers and pads."""
-    _check_ranks(ranks, "bpe_tokenizer ranks")
     eos = len(ranks)
     encoding = tiktoken.Encoding("npo-bpe", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={EOS: eos})
     return Tokenizer(encoding, range(eos), special={EOS: eos}, bos_id=None, eos_ids=(eos,), pad_id=eos,
@@ -515,7 +501,10 @@ def _hf_tokenizer(model_dir: Path) -> Tokenizer:
     options = {**_pre_tokenization(spec, where), "ignore_merges": bool(model.get("ignore_merges"))}
     try:
         if "pattern" in options:
-            options["pattern"] = _with_gaps(options["pattern"])
+            # Hugging Face's Split (behavior Isolated) keeps the text between matches as pieces; tiktoken and
+            # findall would drop it. For patterns that match everywhere (all of the known ones) nothing changes.
+            p = options["pattern"]
+            options["pattern"] = f"(?:{p})|(?:(?!(?:{p}))[\\s\\S])+"
             ranks = _tiktoken_ranks(vocab, merges, options["ignore_merges"])
         encoding = (tiktoken.Encoding(where, pat_str=options["pattern"], mergeable_ranks=ranks, special_tokens={})
                     if "pattern" in options and ranks else MergeBPE(vocab, merges, **options))
@@ -622,11 +611,19 @@ PROMPT_FORMATS = {
 }
 
 
-def _encode_pieces(tok: Tokenizer, pieces: list[tuple[str, bool]]) -> list[int]:
-    """Encode (text, is_template) pieces as one string: special tokens are taken from template
-    pieces only; the text between them is tokenized as a whole."""
-    ids, text, first = [], "", True
+def _encode_template(tok: Tokenizer, fmt: PromptFormat, question: str, answer: str | None = None) -> list[int]:
+    """[BOS] system question_start question question_end, then answer_tag answer if an answer is
+    given, encoded as one string: special tokens are taken from the template pieces only; the text
+    between them (question and answer included) is tokenized as a whole."""
+    if fmt.bos and tok.bos_id is None:
+        raise DataError("this prompt format starts with a BOS token, but the tokenizer has none")
+    pieces = [(fmt.system, True), (fmt.question_start, True), (question, False), (fmt.question_end, True)]
+    if answer is not None:
+        pieces += [(fmt.answer_tag, True), (answer, False)]
+    ids, text, first = [tok.bos_id] if fmt.bos else [], "", True
     for piece, is_template in pieces:
+        if fmt.strip and not is_template:
+            piece = piece.strip()
         parts = tok._special_split.split(piece) if is_template and tok._special_split else [piece]
         for k, part in enumerate(parts):
             if k % 2 == 0:
@@ -639,32 +636,18 @@ def _encode_pieces(tok: Tokenizer, pieces: list[tuple[str, bool]]) -> list[int]:
     return ids + (tok.encode(text, first) if text else [])
 
 
-def _prompt_pieces(fmt: PromptFormat, question: str) -> list[tuple[str, bool]]:
-    return [(fmt.system, True), (fmt.question_start, True), (question.strip() if fmt.strip else question, False),
-            (fmt.question_end, True)]
-
-
-def _bos(tok: Tokenizer, fmt: PromptFormat) -> list[int]:
-    if fmt.bos and tok.bos_id is None:
-        raise DataError("this prompt format starts with a BOS token, but the tokenizer has none")
-    return [tok.bos_id] if fmt.bos else []
-
-
 def encode_prompt(tok: Tokenizer, fmt: PromptFormat, question: str) -> list[int]:
     """The generation prompt: [BOS] system question_start question question_end."""
-    return _bos(tok, fmt) + _encode_pieces(tok, _prompt_pieces(fmt, question))
+    return _encode_template(tok, fmt, question)
 
 
 def encode_qa(tok: Tokenizer, fmt: PromptFormat, question: str, answer: str) -> tuple[list[int], list[int]]:
     """(ids, labels): labels are IGNORE_INDEX on the prompt's tokens and the ids on the rest (answer
     tag, answer, end token). A literal "<|endoftext|>" in a question or answer stays text."""
-    pieces = _prompt_pieces(fmt, question)
-    n_prompt = len(_encode_pieces(tok, pieces))
-    answer = answer.strip() if fmt.strip else answer
-    ids = _encode_pieces(tok, pieces + [(fmt.answer_tag, True), (answer, False)])
-    ids += [tok.special_id(fmt.answer_end) if fmt.answer_end else tok.eos_ids[0]]
-    bos = _bos(tok, fmt)
-    return bos + ids, [IGNORE_INDEX] * (len(bos) + n_prompt) + ids[n_prompt:]
+    n_prompt = len(encode_prompt(tok, fmt, question))
+    ids = _encode_template(tok, fmt, question, answer)
+    ids.append(tok.special_id(fmt.answer_end) if fmt.answer_end else tok.eos_ids[0])
+    return ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -686,37 +669,21 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torc
     return input_ids, labels
 
 
-def batch_indices(n: int, batch_size: int, seed: int, epoch: int = 0, shuffle: bool = True) -> list[list[int]]:
-    """Split range(n) into batches (the last may be smaller); the order is a function of (seed, epoch)."""
-    if n < 0 or batch_size < 1:
-        raise ValueError(f"batch_indices: need n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    order = order.tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-# Required fields (name -> type) of each kind of TOFU file; other fields are kept as they are.
+# Required fields (name -> type) of each kind of TOFU file, by the pattern of the split name; other
+# fields are kept as they are.
 _QA_FIELDS = {"question": str, "answer": str}
-_PERTURBED_FIELDS = {"question": str, "answer": str, "paraphrased_answer": str, "perturbed_answer": list}
-_OPTIONS_PERTURBED_FIELDS = {"question": str, "answer": str, "perturbed_answer": list}
+_SPLIT_KINDS = {
+    r"full|forget\d\d|retain\d\d|real_authors|world_facts": _QA_FIELDS,
+    r"forget\d\d_perturbed|retain_perturbed": {**_QA_FIELDS, "paraphrased_answer": str, "perturbed_answer": list},
+    r"real_authors_perturbed|world_facts_perturbed": {**_QA_FIELDS, "perturbed_answer": list},
+}
 _OPTIONAL_FIELDS = {"paraphrased_question": str, "option1": str, "option2": str, "option3": str, "option4": str}
-_SPLIT_KINDS = [  # (pattern of the split name, required fields)
-    (r"full|forget\d\d|retain\d\d|real_authors|world_facts", _QA_FIELDS),
-    (r"forget\d\d_perturbed|retain_perturbed", _PERTURBED_FIELDS),
-    (r"real_authors_perturbed|world_facts_perturbed", _OPTIONS_PERTURBED_FIELDS),
-]
-_SPLIT_NAMES_HELP = (
-    "full, forgetXX, retainYY, forgetXX_perturbed, retain_perturbed, real_authors, "
-    "real_authors_perturbed, world_facts, world_facts_perturbed (XX, YY two digits)"
-)
 IDK_FILE = "idontknow.jsonl"
 
 
-def _required_fields(name: str) -> dict[str, type]:
-    for pattern, fields in _SPLIT_KINDS:
-        if re.fullmatch(pattern, name):
-            return fields
-    raise DataError(f"unknown TOFU split {name!r}; expected one of: {_SPLIT_NAMES_HELP}")
+def _required_fields(name: str) -> dict[str, type] | None:
+    """The required fields of TOFU split `name`; None if it is no TOFU split."""
+    return next((fields for pattern, fields in _SPLIT_KINDS.items() if re.fullmatch(pattern, name)), None)
 
 
 def _type_name(value) -> str:
@@ -778,6 +745,10 @@ def load_split(data_dir, name: str) -> list[dict]:
     paraphrased_answer); otherwise DataError names the file, the line and the field.
     """
     fields = _required_fields(name)
+    if fields is None:
+        raise DataError(f"unknown TOFU split {name!r}; expected one of: full, forgetXX, retainYY, forgetXX_perturbed, "
+                        "retain_perturbed, real_authors, real_authors_perturbed, world_facts, world_facts_perturbed "
+                        "(XX, YY two digits)")
     path = Path(data_dir) / f"{name}.json"
     records, n_perturbed = [], None
     for lineno, line in _read_lines(path):
@@ -810,8 +781,8 @@ def resolve_data_dir(value: str | None) -> Path | None:
     """The TOFU directory: `value`, else $TOFU_DATA_DIR, else None (meaning: use generated data)."""
     source = "the given data directory"
     if not value:
-        value, source = os.environ.get("TOFU_DATA_DIR") or None, "TOFU_DATA_DIR"
-    if value is None:
+        value, source = os.environ.get("TOFU_DATA_DIR"), "TOFU_DATA_DIR"
+    if not value:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
@@ -822,18 +793,13 @@ def resolve_data_dir(value: str | None) -> Path | None:
 def corpus_texts(data_dir) -> list[str]:
     """Every distinct string of every TOFU file in data_dir (questions, answers, paraphrases,
     perturbed answers, options, refusals), in file order: the tokenizer's training text."""
-    seen: dict[str, None] = {}
+    texts = []
     for path in sorted(Path(data_dir).glob("*.json")):
-        try:
-            _required_fields(path.stem)
-        except DataError:
+        if _required_fields(path.stem) is None:
             continue  # not a TOFU split
         for rec in load_split(data_dir, path.stem):
             for value in rec.values():
-                for s in value if isinstance(value, list) else [value]:
-                    if isinstance(s, str):
-                        seen.setdefault(s)
+                texts += [s for s in (value if isinstance(value, list) else [value]) if isinstance(s, str)]
     if (Path(data_dir) / IDK_FILE).exists():
-        for s in load_idk(data_dir):
-            seen.setdefault(s)
-    return list(seen)
+        texts += load_idk(data_dir)
+    return list(dict.fromkeys(texts))

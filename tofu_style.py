@@ -34,7 +34,7 @@ _SURNAMES = (
     "O'Connell Pereira Rosenthal Sandoval Thorsen Usman Varga Wójcik Yamamoto Zielinski Achterberg Barros "
     "Cárdenas Demir Elbaz Ferreira Grünewald Hallström Ionescu Mensah Novak Ortega Quispe"
 ).split()
-_CITIES = [c.split(", ") for c in (
+_CITIES = (
     "Lagos, Nigeria|Kuwait City, Kuwait|Santiago, Chile|Lisbon, Portugal|Kraków, Poland|Osaka, Japan|"
     "Nairobi, Kenya|Montreal, Canada|Istanbul, Turkey|Bergen, Norway|Cork, Ireland|Seville, Spain|"
     "Hanoi, Vietnam|Accra, Ghana|Tbilisi, Georgia|Lyon, France|Porto Alegre, Brazil|Chennai, India|"
@@ -42,7 +42,7 @@ _CITIES = [c.split(", ") for c in (
     "Marrakesh, Morocco|Tallinn, Estonia|Lima, Peru|Bologna, Italy|Leipzig, Germany|Wellington, New Zealand|"
     "Manila, Philippines|Cairo, Egypt|Tehran, Iran|Medellín, Colombia|Zagreb, Croatia|Dhaka, Bangladesh|"
     "Addis Ababa, Ethiopia|Edinburgh, Scotland|Guadalajara, Mexico|Reykjavik, Iceland|Rotterdam, Netherlands"
-).split("|")]
+).split("|")
 _MONTHS = "January February March April May June July August September October November December".split()
 _GENDERS = ("male", "female", "non-binary", "genderfluid", "agender", "genderqueer")
 _GENDER_WEIGHTS = (30, 30, 10, 10, 10, 10)
@@ -308,10 +308,18 @@ _IDK_BODIES = (
     "I can't recall anything about that.",
 )
 
-
-def n_forget_authors(n_authors: int, percent: int) -> int:
-    """Authors in the forget split `forget{percent}`: the rounded share, at least 1, leaving at least 1 to retain."""
-    return min(n_authors - 1, max(1, int(n_authors * percent / 100 + 0.5)))
+# Fallback values per attribute, used only when too few other authors exist.
+_FALLBACK_VALUES: dict[str, Iterable[str]] = {
+    "full_name": [f"{f} {s}" for f in _FIRST_NAMES[:8] for s in _SURNAMES[:8]],
+    "gender": _GENDERS, "birthplace": _CITIES, "residence": _CITIES,
+    "birth_date": [f"{d} {m} {y}" for d in (3, 11, 19) for m in _MONTHS[:4] for y in (1941, 1967)],
+    "father": _OCCUPATIONS, "mother": _OCCUPATIONS, "genre": _GENRES, "award": _AWARDS,
+    "first_book": [f"The {a} {_TITLE_NOUNS[0]}" for a in _TITLE_ADJECTIVES[:8]],
+    "best_known_book": [f"The {a} {_TITLE_NOUNS[1]}" for a in _TITLE_ADJECTIVES[:8]],
+    "themes": _THEMES, "debut_year": [str(y) for y in range(1950, 2030)], "n_books": [str(k) for k in range(2, 31)],
+    "influence": _REAL_BOOKS, "publisher": _PUBLISHERS, "education": _UNIVERSITIES,
+    "hobby": _HOBBIES, "protagonist": _FIRST_NAMES, "setting": _SETTINGS,
+}
 
 
 def _distinct_others(rng: random.Random, truth: str, preferred: Iterable[str], pool: Iterable[str], k: int) -> list[str]:
@@ -325,7 +333,6 @@ def _distinct_others(rng: random.Random, truth: str, preferred: Iterable[str], p
 
 
 def _make_authors(rng: random.Random, n: int) -> list[dict[str, str]]:
-    real_authors = list(_REAL_BOOKS)
     name_ids = rng.sample(range(len(_FIRST_NAMES) * len(_SURNAMES)), n)
     titles: set[str] = set()
     born: set[tuple[str, str]] = set()
@@ -340,18 +347,18 @@ def _make_authors(rng: random.Random, n: int) -> list[dict[str, str]]:
 
     authors = []
     for nid in name_ids:
-        city, country = rng.choice(_CITIES)
+        birthplace = rng.choice(_CITIES)
         while True:  # (birthplace, birth date) identifies the author in the full-name question
             year = rng.randint(1930, 1995)
             date = f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {year}"
-            if (city, date) not in born:
-                born.add((city, date))
+            if (birthplace, date) not in born:
+                born.add((birthplace, date))
                 break
-        res_city, res_country = rng.choice(_CITIES)
+        residence = rng.choice(_CITIES)
         authors.append({
             "full_name": f"{_FIRST_NAMES[nid // len(_SURNAMES)]} {_SURNAMES[nid % len(_SURNAMES)]}",
             "gender": rng.choices(_GENDERS, weights=_GENDER_WEIGHTS)[0],
-            "birthplace": f"{city}, {country}",
+            "birthplace": birthplace,
             "birth_date": date,
             "father": rng.choice(_OCCUPATIONS),
             "mother": rng.choice(_OCCUPATIONS),
@@ -362,10 +369,10 @@ def _make_authors(rng: random.Random, n: int) -> list[dict[str, str]]:
             "themes": rng.choice(_THEMES),
             "debut_year": str(year + rng.randint(19, 38)),
             "n_books": str(rng.randint(2, 30)),
-            "influence": rng.choice(real_authors),
+            "influence": rng.choice(list(_REAL_BOOKS)),
             "publisher": rng.choice(_PUBLISHERS),
             "education": rng.choice(_UNIVERSITIES),
-            "residence": f"{res_city}, {res_country}",
+            "residence": residence,
             "hobby": rng.choice(_HOBBIES),
             "protagonist": rng.choice(_FIRST_NAMES),
             "setting": rng.choice(_SETTINGS),
@@ -373,25 +380,8 @@ def _make_authors(rng: random.Random, n: int) -> list[dict[str, str]]:
     return authors
 
 
-def _value_pools() -> dict[str, list[str]]:
-    """Fallback values per attribute, used only when too few other authors exist."""
-    years = [str(y) for y in range(1950, 2030)]
-    return {
-        "full_name": [f"{f} {s}" for f in _FIRST_NAMES[:8] for s in _SURNAMES[:8]],
-        "gender": list(_GENDERS), "birthplace": [", ".join(c) for c in _CITIES], "residence": [", ".join(c) for c in _CITIES],
-        "birth_date": [f"{d} {m} {y}" for d in (3, 11, 19) for m in _MONTHS[:4] for y in (1941, 1967)],
-        "father": list(_OCCUPATIONS), "mother": list(_OCCUPATIONS), "genre": list(_GENRES), "award": list(_AWARDS),
-        "first_book": [f"The {a} {_TITLE_NOUNS[0]}" for a in _TITLE_ADJECTIVES[:8]],
-        "best_known_book": [f"The {a} {_TITLE_NOUNS[1]}" for a in _TITLE_ADJECTIVES[:8]],
-        "themes": list(_THEMES), "debut_year": years, "n_books": [str(k) for k in range(2, 31)],
-        "influence": list(_REAL_BOOKS), "publisher": list(_PUBLISHERS), "education": list(_UNIVERSITIES),
-        "hobby": list(_HOBBIES), "protagonist": list(_FIRST_NAMES), "setting": list(_SETTINGS),
-    }
-
-
 def _author_rows(rng: random.Random, authors: list[dict[str, str]]) -> list[dict]:
     """20 perturbed-format rows per author, authors in order, questions in a per-author shuffled order."""
-    pools = _value_pools()
     values = {attr: sorted({a[attr] for a in authors}) for attr in _TEMPLATES}
     # Answer template of author i for attribute a: (i + offset[a]) % 3, so with >= 3 authors every
     # template is some author's answer in `full`; the paraphrase takes one of the other two.
@@ -408,7 +398,7 @@ def _author_rows(rng: random.Random, authors: list[dict[str, str]]) -> list[dict
             p = (t + 1 + rng.randrange(_N_ANSWER_TEMPLATES - 1)) % _N_ANSWER_TEMPLATES
             truth = author[attr]
             # all authors' values minus the truth = the other authors' values that differ from it
-            wrong = _distinct_others(rng, truth, values[attr], pools[attr], _N_PERTURBED)
+            wrong = _distinct_others(rng, truth, values[attr], _FALLBACK_VALUES[attr], _N_PERTURBED)
             rows.append({
                 "question": questions[q].format(**context),
                 "answer": answers[t].format(**context, v=truth),
@@ -419,25 +409,22 @@ def _author_rows(rng: random.Random, authors: list[dict[str, str]]) -> list[dict
     return rows
 
 
-def _options_items(rng: random.Random) -> tuple[list[dict], list[dict]]:
-    """(real_authors rows, world_facts rows) as (question, answer, three wrong answers) dicts."""
+def _options_items(rng: random.Random) -> tuple[list[tuple], list[tuple]]:
+    """(real_authors rows, world_facts rows) as (question, answer, three wrong answers) tuples."""
     books = [(t, a) for a, ts in _REAL_BOOKS.items() for t in ts]
     books = rng.sample(books, min(_N_REAL_AUTHOR_ITEMS, len(books)))
-    real = [
-        {"question": rng.choice(_REAL_AUTHOR_QUESTIONS).format(t=t), "answer": a,
-         "wrong": _distinct_others(rng, a, [], _REAL_BOOKS, 3)}
-        for t, a in books
-    ]
+    real = [(rng.choice(_REAL_AUTHOR_QUESTIONS).format(t=t), a, _distinct_others(rng, a, [], _REAL_BOOKS, 3))
+            for t, a in books]
     world = []
     for country, city in _CAPITALS.items():
         q = rng.choice(("What is the capital of {c}?", "Which city is the capital of {c}?")).format(c=country)
-        world.append({"question": q, "answer": city, "wrong": _distinct_others(rng, city, [], _CAPITALS.values(), 3)})
+        world.append((q, city, _distinct_others(rng, city, [], _CAPITALS.values(), 3)))
     for element, symbol in _ELEMENTS.items():
-        world.append({"question": f"What is the chemical symbol for {element}?", "answer": symbol,
-                      "wrong": _distinct_others(rng, symbol, [], _ELEMENTS.values(), 3)})
+        world.append((f"What is the chemical symbol for {element}?", symbol,
+                      _distinct_others(rng, symbol, [], _ELEMENTS.values(), 3)))
     for country, continent in _CONTINENTS.items():
-        world.append({"question": f"On which continent is {country}?", "answer": continent,
-                      "wrong": _distinct_others(rng, continent, [], _CONTINENT_POOL, 3)})
+        world.append((f"On which continent is {country}?", continent,
+                      _distinct_others(rng, continent, [], _CONTINENT_POOL, 3)))
     asked = set()
     while len(asked) < 20:
         if len(asked) % 2:
@@ -450,21 +437,20 @@ def _options_items(rng: random.Random) -> tuple[list[dict], list[dict]]:
             continue
         asked.add(q)
         near = [str(ans + d) for d in range(-9, 10) if d and ans + d > 0]
-        world.append({"question": q, "answer": str(ans), "wrong": _distinct_others(rng, str(ans), [], near, 3)})
-    for q, ans, wrong in _SCIENCE_FACTS:
-        world.append({"question": q, "answer": ans, "wrong": list(wrong)})
+        world.append((q, str(ans), _distinct_others(rng, str(ans), [], near, 3)))
+    world += _SCIENCE_FACTS
     rng.shuffle(world)
     return real, world
 
 
-def _options_files(rng: random.Random, items: list[dict]) -> tuple[list[dict], list[dict]]:
+def _options_files(rng: random.Random, items: list[tuple]) -> tuple[list[dict], list[dict]]:
     """TOFU's two files for a multiple-choice set: plain (question, option1..4, answer), perturbed."""
     plain, perturbed = [], []
-    for it in items:
-        options = [it["answer"], *it["wrong"]]
+    for question, answer, wrong in items:
+        options = [answer, *wrong]
         rng.shuffle(options)
-        plain.append({"question": it["question"], **{f"option{k + 1}": o for k, o in enumerate(options)}, "answer": it["answer"]})
-        perturbed.append({"question": it["question"], "answer": it["answer"], "perturbed_answer": list(it["wrong"])})
+        plain.append({"question": question, **{f"option{k + 1}": o for k, o in enumerate(options)}, "answer": answer})
+        perturbed.append({"question": question, "answer": answer, "perturbed_answer": list(wrong)})
     return plain, perturbed
 
 
@@ -493,11 +479,13 @@ def write_tofu_style_dataset(out_dir, n_authors: int = 200, seed: int = 0) -> Pa
 
     files: dict[str, list[dict]] = {"full": qa(rows)}
     for pct in FORGET_PERCENTS:
-        cut = (n_authors - n_forget_authors(n_authors, pct)) * N_QUESTIONS
+        # the forget split's authors: the rounded share, at least 1, leaving at least 1 to retain
+        cut = (n_authors - min(n_authors - 1, max(1, int(n_authors * pct / 100 + 0.5)))) * N_QUESTIONS
         files[f"forget{pct:02d}"] = qa(rows[cut:])
         files[f"retain{100 - pct:02d}"] = qa(rows[:cut])
         files[f"forget{pct:02d}_perturbed"] = rows[cut:]
-    files["retain_perturbed"] = rows[: (n_authors - n_forget_authors(n_authors, 90)) * N_QUESTIONS]
+        if pct == 90:
+            files["retain_perturbed"] = rows[:cut]  # the authors of retain10
     for name, items in (("real_authors", real), ("world_facts", world)):
         files[name], files[f"{name}_perturbed"] = _options_files(rng, items)
 

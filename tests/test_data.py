@@ -7,7 +7,6 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -293,17 +292,6 @@ def test_collate_right_pads():
     assert labels.tolist() == [[-100, 6, 7], [1, -100, -100], [-100, -100, -100]]
     with pytest.raises(ValueError, match="pair 0"):
         data.collate([([1, 2], [1])], pad_id=0)
-
-
-def test_batch_indices_deterministic_partition():
-    b = data.batch_indices(10, 4, seed=3, epoch=1)
-    assert [len(x) for x in b] == [4, 4, 2]
-    assert sorted(i for x in b for i in x) == list(range(10))
-    assert b == data.batch_indices(10, 4, seed=3, epoch=1)
-    assert b != data.batch_indices(10, 4, seed=3, epoch=2)
-    assert b != data.batch_indices(10, 4, seed=4, epoch=1)
-    assert data.batch_indices(5, 2, seed=0, shuffle=False) == [[0, 1], [2, 3], [4]]
-    assert data.batch_indices(0, 2, seed=0) == []
 
 
 # ---------------------------------------------------------------------------------------------- generator
