@@ -158,8 +158,7 @@ def fit(task: Task, steps: int = 20_000, lr: float = 0.05) -> Task:
     weight = features.new_zeros(2, n)
     weight[0], weight[1, :n_retain] = 1 / n, 1 / n_retain  # each fit's mean over its own samples
     for step in range(steps + 1):
-        # d/da mean_i -log p(y_i|x_i) = mean_i z_i (sigmoid(a . z_i) - 1{y_i = 0})
-        # (S, 2, N)
+        # d/da mean_i -log p(y_i|x_i) = mean_i z_i (sigmoid(a . z_i) - 1{y_i = 0}), (S, 2, N)
         grad = ((torch.sigmoid(a @ features) - is_class_0.unsqueeze(1)) * weight) @ features.transpose(1, 2)
         if step < steps:
             a -= lr * grad
