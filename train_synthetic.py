@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -369,6 +369,33 @@ def plot_growth(path: str, specs: list[Spec], run: dict, title: str) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 
+def option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    out_dir: str = option("out/synthetic", "output directory")
+    alphas: tuple = option((1.0, 0.0), "settings (mean gap alpha): 1 and/or 0, the two the paper ran")
+    seeds: tuple = option((1000, 2000, 3000, 4000, 5000), "seeds; each draws W and all the data")
+    methods: tuple = option(FIGURE_METHODS, f"methods, from {', '.join(METHOD_KEYS)}")
+    steps: int = option(2000, "unlearning steps")
+    eval_every: int = option(25, "evaluate every this many steps (and at the last)")
+    d: int = option(16, "input dimension")
+    n_features: int = option(128, "random ReLU features N")
+    n_retain: int = option(1000, "retain training samples")
+    n_forget: int = option(200, "forget training samples")
+    n_eval: int = option(1000, "evaluation samples per distribution")
+    fit_steps: int = option(20_000, "gradient-descent steps of the fine-tuned and retain fits")
+    fit_lr: float = option(0.05, "learning rate of the fits")
+    collapse_steps: int = option(4000, f"steps of GA and NPO (beta {COLLAPSE_BETA:g}) at lr {COLLAPSE_LR:g}, "
+                                       "alpha = 1, for the collapse rate; 0 skips it")
+    sweep_beta: bool = option(False, f"also run GA and NPO at beta in {SWEEP_BETAS}, lr {SWEEP_LR:g}, "
+                                     f"{SWEEP_STEPS} steps, alpha = 1")
+    threads: int = option(2, "threads running the settings (and the collapse and sweep runs) side by side")
+    plot: bool = option(True, "write the PNG figures")
+
+
 def csv_of(kind):
     def parse(text: str) -> tuple:
         try:
@@ -381,33 +408,17 @@ def csv_of(kind):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.splitlines()[:2]),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = parser.add_argument
-    add("--out-dir", default="out/synthetic", help="output directory")
-    add("--alphas", type=csv_of(float), default=(1.0, 0.0),
-        help="settings (mean gap alpha): 1 and/or 0, the two the paper ran")
-    add("--seeds", type=csv_of(int), default=(1000, 2000, 3000, 4000, 5000),
-        help="seeds; each draws W and all the data")
-    add("--methods", type=csv_of(str), default=FIGURE_METHODS, help=f"methods, from {', '.join(METHOD_KEYS)}")
-    add("--steps", type=int, default=2000, help="unlearning steps")
-    add("--eval-every", type=int, default=25, help="evaluate every this many steps (and at the last)")
-    add("--d", type=int, default=16, help="input dimension")
-    add("--n-features", type=int, default=128, help="random ReLU features N")
-    add("--n-retain", type=int, default=1000, help="retain training samples")
-    add("--n-forget", type=int, default=200, help="forget training samples")
-    add("--n-eval", type=int, default=1000, help="evaluation samples per distribution")
-    add("--fit-steps", type=int, default=20_000, help="gradient-descent steps of the fine-tuned and retain fits")
-    add("--fit-lr", type=float, default=0.05, help="learning rate of the fits")
-    add("--collapse-steps", type=int, default=4000, help=f"steps of GA and NPO (beta {COLLAPSE_BETA:g}) at lr "
-        f"{COLLAPSE_LR:g}, alpha = 1, for the collapse rate; 0 skips it")
-    add("--sweep-beta", action=argparse.BooleanOptionalAction, default=False,
-        help=f"also run GA and NPO at beta in {SWEEP_BETAS}, lr {SWEEP_LR:g}, {SWEEP_STEPS} steps, alpha = 1")
-    add("--threads", type=int, default=2,
-        help="threads running the settings (and the collapse and sweep runs) side by side")
-    add("--plot", action=argparse.BooleanOptionalAction, default=True, help="write the PNG figures")
+    for f in fields(Config):
+        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parse = csv_of(type(f.default[0])) if kind is tuple else kind
+            parser.add_argument(flag, type=parse, default=f.default, help=f.metadata["help"])
     return parser
 
 
-def validate(cfg: argparse.Namespace) -> list[str]:
+def validate(cfg: Config) -> list[str]:
     """Every option in its range and the output directory writable (created) before any work starts;
     -> every problem found (empty: valid)."""
     problems, lowest = [], {"collapse_steps": 0}
@@ -437,7 +448,7 @@ def validate(cfg: argparse.Namespace) -> list[str]:
 
 
 def main(argv=None) -> int:
-    cfg = build_parser().parse_args(argv)
+    cfg = Config(**vars(build_parser().parse_args(argv)))
     if problems := validate(cfg):
         print(f"train_synthetic.py: error: {'; '.join(problems)}", file=sys.stderr)
         return 2
@@ -450,7 +461,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_experiment(cfg: argparse.Namespace, argv=None) -> None:
+def run_experiment(cfg: Config, argv=None) -> None:
     """Both settings, the collapse run, the optional beta sweep; writes JSON, markdown and figures.
     Independent runs go to cfg.threads Python threads (torch releases the GIL in its kernels); each
     runs single-threaded, so the numbers do not depend on the thread count."""
@@ -479,7 +490,7 @@ def run_experiment(cfg: argparse.Namespace, argv=None) -> None:
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     elapsed = time.perf_counter() - t_start
-    records = {"config": vars(cfg)} | {name: run_record(jobs[name][0], *runs[name]) for name in runs}
+    records = {"config": dataclasses.asdict(cfg)} | {name: run_record(jobs[name][0], *runs[name]) for name in runs}
     if "collapse" in runs:
         records["collapse"]["fits"] = collapse_rates(*runs["collapse"])
 
