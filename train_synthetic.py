@@ -21,8 +21,6 @@ so S times it is the sum of the seeds' own losses and each seed gets its own gra
     python train_synthetic.py                # both settings, 5 seeds, the released code's 6 methods
     python train_synthetic.py --sweep-beta   # adds GA and NPO at five betas, one lr, 10,000 steps
 """
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import json
@@ -35,6 +33,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
 import data
 import npo
@@ -53,6 +52,7 @@ PAPER_HPARAMS = {
           "NPO": (5e-2, 10.0), "NPO+KL": (5e-2, 10.0), "NPO+RT": (5e-2, 10.0),
           "DPO": (5e-2, 5.0), "DPO+KL": (5e-2, 5.0), "DPO+RT": (2e-2, 5.0)},
 }
+W_STATS = ("W_mean", "W_min", "W_max")  # NPO's weights W = 2 sigmoid(beta r) over the forget samples
 COLLAPSE_LR, COLLAPSE_BETA = 5e-3, 1.0  # GA and NPO at one learning rate, alpha = 1
 # The released code's note on its Proposition 1 plot: one lr for every beta, an evaluation every 5 steps.
 SWEEP_BETAS, SWEEP_LR, SWEEP_STEPS, SWEEP_EVAL_EVERY = (0.01, 0.1, 0.2, 0.5, 1.0), 5e-4, 10_000, 5
@@ -83,10 +83,8 @@ def paper_spec(label: str, alpha: float, n_forget: int, n_retain: int, lr=None, 
 def law(alpha: float, d: int, which: str):
     """(mean (d,), theta (d, 2), bias (1, 2)) of the retain or forget distribution."""
     sign, label = (-1.0, 0) if which == "retain" else (1.0, 1)
-    theta = torch.zeros(d, 2, dtype=torch.float64)
-    theta[:, label] = 1 / d ** 0.5
-    bias = torch.zeros(1, 2, dtype=torch.float64)
-    bias[0, label] = 1.0
+    theta, bias = torch.zeros(d, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+    theta[:, label], bias[0, label] = 1 / d ** 0.5, 1.0
     return sign * alpha * torch.ones(d, dtype=torch.float64), theta, bias
 
 
@@ -160,8 +158,8 @@ def fit(task: Task, steps: int = 20_000, lr: float = 0.05) -> Task:
     weight = features.new_zeros(2, n)
     weight[0], weight[1, :n_retain] = 1 / n, 1 / n_retain  # each fit's mean over its own samples
     for step in range(steps + 1):
-        # d/da mean_i -log p(y_i|x_i) = mean_i z_i (sigmoid(a . z_i) - 1{y_i = 0})
-        grad = ((torch.sigmoid(a @ features) - is_class_0.unsqueeze(1)) * weight) @ features.transpose(1, 2)  # (S, 2, N)
+        # d/da mean_i -log p(y_i|x_i) = mean_i z_i (sigmoid(a . z_i) - 1{y_i = 0}), (S, 2, N)
+        grad = ((torch.sigmoid(a @ features) - is_class_0.unsqueeze(1)) * weight) @ features.transpose(1, 2)
         if step < steps:
             a -= lr * grad
     task.a_finetuned, task.a_retain = a[:, 0], a[:, 1]
@@ -175,7 +173,8 @@ def fit(task: Task, steps: int = 20_000, lr: float = 0.05) -> Task:
 def unlearn(task: Task, specs: list[Spec], steps: int, eval_every: int) -> dict:
     """Full-batch gradient descent on every method's loss for all seeds at once, from the fine-tuned
     model, evaluated (with the step's loss statistics) at steps 0, eval_every, ..., and the last.
-    Returns {"steps", "a" (S, M, N), metric: (E, S, M), W_mean|W_min|W_max: (E, M)}."""
+    Returns {"steps", "a" (S, M, N), forget_distance|retain_distance|drift (||a - a_0||): (E, S, M),
+    W_mean|W_min|W_max (NPO's weights): (E, M)}."""
     S, M = len(task.seeds), len(specs)
     a0 = task.a_finetuned.unsqueeze(1)                                                 # (S, 1, N)
     features, y = task.features, task.y
@@ -191,7 +190,7 @@ def unlearn(task: Task, specs: list[Spec], steps: int, eval_every: int) -> dict:
     needs_kl = any(spec.method.retain == "kl" for spec in specs)
     lr = torch.tensor([spec.lr for spec in specs], dtype=a0.dtype).view(1, M, 1)
     a = a0.repeat(1, M, 1).requires_grad_(True)                                        # (S, M, N)
-    history, eval_steps = [], []
+    eval_steps, history = [], {key: [] for key in ("forget_distance", "retain_distance", "drift", *W_STATS)}
     for step in range(steps + 1):
         # per method m, (S * n,) scores (unbind: one backward op for all methods, not one per method)
         logit_forget = a @ features["forget"]                                          # (S, M, n_f)
@@ -214,33 +213,29 @@ def unlearn(task: Task, specs: list[Spec], steps: int, eval_every: int) -> dict:
             total = total + S * loss
             stats.append(step_stats)
         if step % eval_every == 0 or step == steps:
-            history.append(measure_distances(a.detach(), task, target, stats))
             eval_steps.append(step)
+            with torch.no_grad():
+                for split in ("forget", "retain"):
+                    logits = class_logits(a @ features[f"eval_{split}"])
+                    history[f"{split}_distance"].append(npo.kl_divergence(logits, target[split]).mean(-1))
+                history["drift"].append((a - a0).norm(dim=-1))
+            for key in W_STATS:
+                history[key].append(torch.tensor([s.get(key, math.nan) for s in stats], dtype=torch.float64))
         if step == steps:
             break
         (grad,) = torch.autograd.grad(total, a)
         with torch.no_grad():
             a -= lr * grad
-    return {"steps": eval_steps, "a": a.detach()} | {key: torch.stack([h[key] for h in history]) for key in history[0]}
-
-
-@torch.no_grad()
-def measure_distances(a: torch.Tensor, task: Task, target: dict, stats: list[dict]) -> dict:
-    """Both distances and ||a - a_0|| per (seed, method), (S, M); NPO's weights per method (M,)."""
-    out = {f"{split}_distance": npo.kl_divergence(class_logits(a @ task.features[f"eval_{split}"]), target[split]).mean(-1)
-           for split in ("forget", "retain")}
-    out["drift"] = (a - task.a_finetuned.unsqueeze(1)).norm(dim=-1)
-    for key in ("W_mean", "W_min", "W_max"):
-        out[key] = torch.tensor([s.get(key, math.nan) for s in stats], dtype=torch.float64)
-    return out
+    return {"steps": eval_steps, "a": a.detach()} | {key: torch.stack(values) for key, values in history.items()}
 
 
 # ----------------------------------------------------------------------------- analysis
 
-def mean_std(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and sample std over seeds of the finite entries (a diverged seed is data, not a crash)."""
+def mean_std(values: torch.Tensor, digits: int = 4) -> str:
+    """'mean ± std' (sample std) over seeds of the finite entries (a diverged seed is data, not a crash)."""
     v = values[torch.isfinite(values)].double()
-    return (v.mean().item() if v.numel() else math.nan), (v.std().item() if v.numel() > 1 else 0.0)
+    mean, std = (v.mean().item() if v.numel() else math.nan), (v.std().item() if v.numel() > 1 else 0.0)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def fit_growth(t: torch.Tensor, y: torch.Tensor) -> dict:
@@ -253,17 +248,16 @@ def fit_growth(t: torch.Tensor, y: torch.Tensor) -> dict:
     return out
 
 
-def collapse_rates(specs: list[Spec], run: dict, start_frac: float = 0.1) -> dict:
+def collapse_rates(specs: list[Spec], run: dict) -> dict:
     """Per method, the seed mean of ||a_t - a_0|| fitted against t and against log t over t in
-    [start_frac T, T]: {label: {"linear"|"log": (slope, R^2)}}."""
+    [T / 10, T]: {label: {"linear"|"log": (slope, R^2)}}."""
     steps = torch.tensor(run["steps"], dtype=torch.float64)
-    keep = steps >= max(start_frac * steps[-1].item(), 1.0)
+    keep = steps >= max(0.1 * steps[-1].item(), 1.0)
     return {spec.label: fit_growth(steps[keep], run["drift"][keep, :, m].mean(1)) for m, spec in enumerate(specs)}
 
 
 def summary_table(specs: list[Spec], run: dict) -> list[str]:
     """Per method, mean ± std over seeds: start, minimum (each seed's) and end of both distances."""
-    fmt = lambda ms, digits=4: f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"  # noqa: E731
     lines = ["| method | lr | beta | start forget | start retain | min forget | step of min | end forget "
              "| end retain | NPO weight W at end: mean (min) |", "|---|---|---|---|---|---|---|---|---|---|"]
     steps = torch.tensor(run["steps"], dtype=torch.float64)
@@ -271,9 +265,8 @@ def summary_table(specs: list[Spec], run: dict) -> list[str]:
         forget, retain = run["forget_distance"][:, :, m], run["retain_distance"][:, :, m]  # (E, S)
         at_min = torch.nan_to_num(forget, nan=math.inf).argmin(0)                      # (S,)
         lines.append(f"| {spec.label} | {spec.lr:g} | {'-' if spec.beta is None else f'{spec.beta:g}'} "
-                     f"| {fmt(mean_std(forget[0]))} | {fmt(mean_std(retain[0]))} "
-                     f"| {fmt(mean_std(forget[at_min, range(forget.shape[1])]))} | {fmt(mean_std(steps[at_min]), 0)} "
-                     f"| {fmt(mean_std(forget[-1]))} | {fmt(mean_std(retain[-1]))} "
+                     f"| {mean_std(forget[0])} | {mean_std(retain[0])} | {mean_std(forget[at_min, range(len(at_min))])}"
+                     f" | {mean_std(steps[at_min], 0)} | {mean_std(forget[-1])} | {mean_std(retain[-1])} "
                      f"| {run['W_mean'][-1, m]:.3g} ({run['W_min'][-1, m]:.3g}) |")
     return lines
 
@@ -283,7 +276,7 @@ def run_record(task: Task, specs: list[Spec], run: dict) -> dict:
     return {"alpha": task.alpha, "seeds": task.seeds, "steps": run["steps"], "fit_grad_norm": task.fit_grad_norm,
             "methods": [{"label": s.label, "lr": s.lr, "beta": s.beta} for s in specs],
             **{key: run[key].permute(2, 1, 0).tolist() for key in ("forget_distance", "retain_distance", "drift")},
-            **{key: run[key].T.tolist() for key in ("W_mean", "W_min", "W_max")}}
+            **{key: run[key].T.tolist() for key in W_STATS}}
 
 
 def strict_json(x):
@@ -297,18 +290,6 @@ def strict_json(x):
 
 # ----------------------------------------------------------------------------- figures
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path: str) -> None:
-    data.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    pyplot().close(fig)
-
-
 def seed_band(ax, x, values: torch.Tensor, label: str, color) -> None:
     """Seed mean of values (E, S) as a line, ±1 std over seeds as a light band."""
     mean = values.mean(1)
@@ -321,7 +302,8 @@ def plot_figure(path: str, runs: dict) -> None:
     """The paper's Figure 2 panels and NPO's mean weight W, seed means with a ±1 std band over seeds.
     runs: {alpha: (specs, run)}. Distance axes stop at 1.5x the starting forget distance and at the
     largest seed-mean retain distance: one diverging method would otherwise flatten every curve."""
-    fig, axes = pyplot().subplots(2, 3, figsize=(16, 9.5))
+    fig = Figure(figsize=(16, 9.5))  # no pyplot: nothing global to close
+    axes = fig.subplots(2, 3)
     panels = [(1.0, "forget_distance", "(a1) forget distance, alpha = 1"),
               (1.0, "retain_distance", "(a2) retain distance, alpha = 1"),
               (1.0, "retain_vs_forget", "(a3) retain vs forget distance, alpha = 1"),
@@ -357,13 +339,14 @@ def plot_figure(path: str, runs: dict) -> None:
     fig.suptitle("NPO paper Figure 2 with the released code's data, fits and settings: seed means, band ±1 std "
                  "over seeds (axes clipped; trajectories.json has every seed)")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    save_figure(fig, path)
+    data.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def plot_growth(path: str, specs: list[Spec], run: dict, title: str) -> None:
     """||a_t - a_0|| against t and, as a fraction of its last value, against log t (the collapse rate);
     retain vs forget distance."""
-    fig, axes = pyplot().subplots(1, 3, figsize=(17, 5))
+    fig = Figure(figsize=(17, 5))
+    axes = fig.subplots(1, 3)
     steps = torch.tensor(run["steps"][1:], dtype=torch.float64)
     for m, spec in enumerate(specs):
         drift = run["drift"][1:, :, m]                                                 # (E - 1, S)
@@ -381,7 +364,7 @@ def plot_growth(path: str, specs: list[Spec], run: dict, title: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    save_figure(fig, path)
+    data.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -439,12 +422,12 @@ def validate(cfg: Config) -> list[str]:
     """Every option in its range and the output directory writable (created) before any work starts;
     -> every problem found (empty: valid)."""
     problems, lowest = [], {"collapse_steps": 0}
-    for f in fields(Config):
-        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+    for name, value in vars(cfg).items():
+        flag = "--" + name.replace("_", "-")
         if isinstance(value, tuple) and not value:
             problems.append(f"{flag} is empty")
-        elif type(value) is int and value < lowest.get(f.name, 1):
-            problems.append(f"{flag} must be >= {lowest.get(f.name, 1)}, got {value}")
+        elif type(value) is int and value < lowest.get(name, 1):
+            problems.append(f"{flag} must be >= {lowest.get(name, 1)}, got {value}")
         elif type(value) is float and not (math.isfinite(value) and value > 0):
             problems.append(f"{flag} must be a positive finite number, got {value}")
     if any(a not in PAPER_HPARAMS for a in cfg.alphas) or len(set(cfg.alphas)) < len(cfg.alphas):
@@ -485,19 +468,19 @@ def run_experiment(cfg: Config, argv=None) -> None:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     spec = lambda label, alpha, **kw: paper_spec(label, alpha, cfg.n_forget, cfg.n_retain, **kw)  # noqa: E731
-    sizes = {name: getattr(cfg, name) for name in ("d", "n_features", "n_retain", "n_forget", "n_eval")}
-    needs_alpha_1 = cfg.collapse_steps or cfg.sweep_beta
+    alphas = {*cfg.alphas, 1.0} if cfg.collapse_steps or cfg.sweep_beta else set(cfg.alphas)  # both at alpha 1
     # the draws come from torch's global RNG, one seed after the other: not in threads
-    tasks = {alpha: make_task(alpha, cfg.seeds, **sizes) for alpha in sorted({*cfg.alphas, *([1.0] if needs_alpha_1 else [])})}
+    tasks = {alpha: make_task(alpha, cfg.seeds, cfg.d, cfg.n_features, cfg.n_retain, cfg.n_forget, cfg.n_eval)
+             for alpha in sorted(alphas)}
     print(f"data drawn at {time.perf_counter() - t_start:.1f} s", flush=True)
     jobs = {f"alpha={alpha:g}": (tasks[alpha], [spec(label, alpha) for label in cfg.methods], cfg.steps, cfg.eval_every)
             for alpha in cfg.alphas}
     if cfg.collapse_steps:
-        jobs["collapse"] = (tasks.get(1.0), [spec("GA", 1.0, lr=COLLAPSE_LR), spec("NPO", 1.0, lr=COLLAPSE_LR,
-                            beta=COLLAPSE_BETA)], cfg.collapse_steps, cfg.eval_every)
+        collapse = [spec("GA", 1.0, lr=COLLAPSE_LR), spec("NPO", 1.0, lr=COLLAPSE_LR, beta=COLLAPSE_BETA)]
+        jobs["collapse"] = (tasks[1.0], collapse, cfg.collapse_steps, cfg.eval_every)
     if cfg.sweep_beta:
         sweep = [spec("NPO", 1.0, lr=SWEEP_LR, beta=b, name=f"NPO beta={b:g}") for b in SWEEP_BETAS]
-        jobs["beta_sweep"] = (tasks.get(1.0), [spec("GA", 1.0, lr=SWEEP_LR)] + sweep, SWEEP_STEPS, SWEEP_EVAL_EVERY)
+        jobs["beta_sweep"] = (tasks[1.0], [spec("GA", 1.0, lr=SWEEP_LR)] + sweep, SWEEP_STEPS, SWEEP_EVAL_EVERY)
     pool = ThreadPoolExecutor(cfg.threads)
     try:
         list(pool.map(lambda task: fit(task, cfg.fit_steps, cfg.fit_lr), tasks.values()))
@@ -541,11 +524,10 @@ def run_experiment(cfg: Config, argv=None) -> None:
     if cfg.plot:
         plot_figure(os.path.join(cfg.out_dir, "figure2.png"), {alpha: runs[f"alpha={alpha:g}"] for alpha in cfg.alphas})
         written.append("figure2.png")
-        for name in ("collapse", "beta_sweep"):
+        for name, lr in (("collapse", COLLAPSE_LR), ("beta_sweep", SWEEP_LR)):
             if name in runs:
-                specs = runs[name][0]
                 plot_growth(os.path.join(cfg.out_dir, f"{name}.png"), *runs[name], f"{name.replace('_', ' ')}, "
-                            f"alpha = 1, lr {specs[0].lr:g}: mean over {len(cfg.seeds)} seeds")
+                            f"alpha = 1, lr {lr:g}: mean over {len(cfg.seeds)} seeds")
                 written.append(f"{name}.png")
     print(summary)
     print(f"wrote {', '.join(os.path.join(cfg.out_dir, w) for w in written)}; "
