@@ -244,8 +244,8 @@ def lr_at(step: int, steps_per_epoch: int, total_steps: int, peak: float) -> flo
 
 def make_optimizer(model, lr: float, cfg: Config):
     """AdamW (or Adafactor) with weight decay on matrices only, as HF's Trainer."""
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adafactor":
         return torch.optim.Adafactor(groups, lr=lr)
@@ -265,16 +265,15 @@ class Run:
 
     def claim(self) -> None:
         """A run directory belongs to one configuration: refuse another, naming what differs."""
-        mine = {k: v for k, v in asdict(self.cfg).items() if k not in SCOPE_OPTIONS}
-        stored = read_json(self.dir / "config.json")
+        mine, stored = asdict(self.cfg), read_json(self.dir / "config.json")
         if stored is not None:
-            stored = {k: v for k, v in stored.items() if k not in SCOPE_OPTIONS and k != "torch"}
-            differ = sorted(k for k in mine.keys() | stored.keys() if mine.get(k) != stored.get(k))
+            differ = sorted(k for k in (mine.keys() | stored.keys()) - SCOPE_OPTIONS - {"torch"}
+                            if mine.get(k) != stored.get(k))
             if differ:
                 names = ", ".join("--" + k.replace("_", "-") for k in differ)
                 raise ConfigError(f"{self.dir} holds a run with other options ({names}); choose another --run-name or --out-dir")
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / "config.json", {**asdict(self.cfg), "torch": torch.__version__})
+        write_json(self.dir / "config.json", {**mine, "torch": torch.__version__})
 
     def load(self, model_dir):
         net = models.from_pretrained(model_dir, dtype=getattr(torch, self.cfg.dtype), device=self.cfg.device)
@@ -377,7 +376,8 @@ class Pairs:
         change. Each value comes from the process that computed it (zeros elsewhere), summed."""
         net.eval()
         size, logp = self.cfg.eval_batch_size, torch.zeros(len(self))
-        for idx, mine in distributed.rank_share([range(s, min(s + size, len(self))) for s in range(0, len(self), size)]):
+        batches = [range(s, min(s + size, len(self))) for s in range(0, len(self), size)]
+        for idx, mine in distributed.rank_share(batches):
             with autocast(self.cfg):
                 batch_logp = self.scores(net, idx).logp
             if mine:
@@ -668,7 +668,8 @@ def init_distributed(cfg: Config) -> None:
         raise ConfigError(f"--device {cfg.device}: under torchrun give --device cuda (each process takes its own GPU)")
     distributed.init(cfg.device == "cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if cfg.parallel == "auto":
-        fits = cfg.device == "cpu" or memory_needed(cfg)["total"] < 0.9 * torch.cuda.get_device_properties().total_memory
+        fits = (cfg.device == "cpu"
+                or memory_needed(cfg)["total"] < 0.9 * torch.cuda.get_device_properties().total_memory)
         cfg.parallel = "ddp" if fits else "fsdp"
     if cfg.parallel == "fsdp" and cfg.optimizer == "adafactor":
         raise ConfigError(f"--optimizer adafactor: torch {torch.__version__}'s Adafactor cannot step FSDP's sharded "
@@ -731,8 +732,8 @@ def run_experiment(cfg: Config) -> Path:
     if not cfg.model:
         if not cfg.base_model and not finished(run.dir / "base", load_model_dir):
             model_job(cfg, "base")
-        stages = ["target"] + ([] if cfg.retain_model or cfg.retain_logs else ["retain"])
-        parallel(model_job, [(cfg, which) for which in stages if not finished(run.dir / which, load_model_dir)], workers)
+        wanted = ["target"] + ([] if cfg.retain_model or cfg.retain_logs else ["retain"])
+        parallel(model_job, [(cfg, w) for w in wanted if not finished(run.dir / w, load_model_dir)], workers)
     target_dir = cfg.model or str(run.dir / "target")
     retain_dir = cfg.retain_model or str(run.dir / "retain")
     evals = [(cfg, target_dir, "target")] + ([] if cfg.retain_logs else [(cfg, retain_dir, "retain")])
