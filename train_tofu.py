@@ -43,8 +43,8 @@ import tofu_style
 
 
 def option(default, help, **checks):
-    """A config field: its --help, and what validate() checks: choices, and bounds as operator
-    names (ge=1: the value must be >= 1; gt: >; le: <=)."""
+    """A config field: its --help, its choices (argparse checks them), and bounds that validate()
+    checks, as operator names (ge=1: the value must be >= 1; gt: >; le: <=)."""
     return field(default=default, metadata={"help": help, **checks})
 
 
@@ -142,8 +142,8 @@ BOUNDS = {"ge": ">=", "gt": ">", "le": "<="}  # option()'s bounds: operator name
 
 
 def validate(cfg: Config) -> list[str]:
-    """Every problem of the configuration, before any work starts: each option against its bounds
-    and choices, then the options against each other, the paths, and the data files they name."""
+    """Every problem of the configuration, before any work starts: each option against its bounds,
+    then the options against each other, the paths, and the data files they name."""
     problems = []
 
     def need(ok, message):
@@ -157,8 +157,6 @@ def validate(cfg: Config) -> list[str]:
         elif value is not None:
             problems += [f"{flag} {value}: must be {symbol} {checks[op]}" for op, symbol in BOUNDS.items()
                          if op in checks and not getattr(operator, op)(value, checks[op])]
-            if "choices" in checks:
-                need(value in checks["choices"], f"{flag} {value!r}: expected one of {', '.join(checks['choices'])}")
     need(cfg.n_head < 1 or cfg.n_embd % cfg.n_head == 0, f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
     need(cfg.micro_batch_size < 1 or cfg.batch_size % cfg.micro_batch_size == 0,
          f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
@@ -183,27 +181,25 @@ def validate(cfg: Config) -> list[str]:
     for name in ("model", "retain_model", "base_model"):
         path = getattr(cfg, name)
         need(path is None or (Path(path) / "config.json").is_file(), f"--{name.replace('_', '-')} {path}: not a model directory (no config.json)")
-    retain = None
+    need(cfg.data_dir is None or Path(cfg.data_dir).is_dir(), f"--data-dir {cfg.data_dir}: not a directory")
+    missing = None
+    if split_ok and cfg.data_dir and Path(cfg.data_dir).is_dir():
+        data_dir = Path(cfg.data_dir)
+        missing = [f"{s}.json" for s in data_splits(Run(cfg)) if not (data_dir / f"{s}.json").is_file()]
+        missing += [] if (data_dir / data.IDK_FILE).is_file() else [data.IDK_FILE]
+        need(not missing, f"--data-dir {cfg.data_dir}: no {', '.join(missing)} (for --split {cfg.split})")
     if cfg.retain_logs:
         try:
             retain = tofu_eval.read_logs(cfg.retain_logs, (tofu_eval.FORGET_STEM,))[tofu_eval.FORGET_STEM]
-            retain_rows = tofu_eval.log_rows(retain, cfg.retain_logs)
+            rows = tofu_eval.log_rows(retain, cfg.retain_logs)
+            if missing == []:  # the data is all there: Forget Quality compares the same questions
+                split = tofu_eval.default_eval_forget_split(data_dir, cfg.split)
+                why = tofu_eval.retain_rows_mismatch(retain, rows, cfg.retain_logs, data_dir, split, cfg.ds_size)
+                need(why is None, f"--retain-logs: {why}")
+        except data.DataError as e:  # the forget split does not read
+            problems.append(f"--data-dir: {e}")
         except ValueError as e:
             problems.append(f"--retain-logs: {e}")
-            retain = None
-    need(cfg.data_dir is None or Path(cfg.data_dir).is_dir(), f"--data-dir {cfg.data_dir}: not a directory")
-    if split_ok and cfg.data_dir and Path(cfg.data_dir).is_dir():
-        run = Run(cfg)
-        missing = [f"{s}.json" for s in data_splits(run) if not (run.data_dir / f"{s}.json").is_file()]
-        missing += [] if (run.data_dir / data.IDK_FILE).is_file() else [data.IDK_FILE]
-        need(not missing, f"--data-dir {cfg.data_dir}: no {', '.join(missing)} (for --split {cfg.split})")
-        if retain is not None and not missing:  # Forget Quality compares the same questions
-            split = tofu_eval.default_eval_forget_split(run.data_dir, cfg.split)
-            try:
-                why = tofu_eval.retain_rows_mismatch(retain, retain_rows, cfg.retain_logs, run.data_dir, split, cfg.ds_size)
-                need(why is None, f"--retain-logs: {why}")
-            except data.DataError as e:
-                problems.append(f"--data-dir: {e}")
     need(not cfg.run_name or Path(cfg.run_name).name == cfg.run_name != "..", f"--run-name {cfg.run_name!r}: expected a directory name, not a path")
     run_dir = Path(cfg.out_dir) / (cfg.run_name or "")
     existing = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path("."))
@@ -219,7 +215,7 @@ def methods_of(cfg: Config) -> list[str]:
 # ----------------------------------------------------------------------------- small utilities
 
 def log(message: str) -> None:
-    if distributed.is_main():  # --- distributed: rank 0 speaks for all
+    if distributed.is_main():  # rank 0 speaks for all
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
@@ -248,8 +244,8 @@ def lr_at(step: int, steps_per_epoch: int, total_steps: int, peak: float) -> flo
 
 def make_optimizer(model, lr: float, cfg: Config):
     """AdamW (or Adafactor) with weight decay on matrices only, as HF's Trainer."""
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adafactor":
         return torch.optim.Adafactor(groups, lr=lr)
@@ -269,16 +265,15 @@ class Run:
 
     def claim(self) -> None:
         """A run directory belongs to one configuration: refuse another, naming what differs."""
-        mine = {k: v for k, v in asdict(self.cfg).items() if k not in SCOPE_OPTIONS}
-        stored = read_json(self.dir / "config.json")
+        mine, stored = asdict(self.cfg), read_json(self.dir / "config.json")
         if stored is not None:
-            stored = {k: v for k, v in stored.items() if k not in SCOPE_OPTIONS and k != "torch"}
-            differ = sorted(k for k in mine.keys() | stored.keys() if mine.get(k) != stored.get(k))
+            differ = sorted(k for k in (mine.keys() | stored.keys()) - SCOPE_OPTIONS - {"torch"}
+                            if mine.get(k) != stored.get(k))
             if differ:
                 names = ", ".join("--" + k.replace("_", "-") for k in differ)
                 raise ConfigError(f"{self.dir} holds a run with other options ({names}); choose another --run-name or --out-dir")
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / "config.json", {**asdict(self.cfg), "torch": torch.__version__})
+        write_json(self.dir / "config.json", {**mine, "torch": torch.__version__})
 
     def load(self, model_dir):
         net = models.from_pretrained(model_dir, dtype=getattr(torch, self.cfg.dtype), device=self.cfg.device)
@@ -324,14 +319,14 @@ def train(net, loss_fn, n_examples: int, *, epochs: int, lr: float, cfg: Config,
             batch = orders[epoch][step * cfg.batch_size:(step + 1) * cfg.batch_size]
             micro_batches = [batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)]
             optimizer.zero_grad(set_to_none=True)
-            share = distributed.rank_share(micro_batches)  # --- distributed: as many on every process
+            share = distributed.rank_share(micro_batches)  # as many on every process
             for call, (idx, mine) in enumerate(share):
-                with distributed.skip_gradient_sync(net, call < len(share) - 1):  # --- distributed
+                with distributed.skip_gradient_sync(net, call < len(share) - 1):
                     with autocast(cfg):
                         loss, stats = loss_fn(idx)
-                    if distributed.any_process(not math.isfinite(stats["loss"])):  # --- distributed: all stop together
+                    if distributed.any_process(not math.isfinite(stats["loss"])):  # all stop together
                         return f"diverged (non-finite loss at epoch {epoch + 1}, step {step + 1})"
-                    # --- distributed: DDP and FSDP average over processes; a stand-in weighs 0
+                    # DDP and FSDP average over processes; a stand-in weighs 0
                     (loss * (distributed.world_size() * mine) / len(micro_batches)).backward()
                 sums = {k: sums.get(k, 0.0) + mine * v for k, v in stats.items()}
                 n_micro += mine
@@ -339,7 +334,7 @@ def train(net, loss_fn, n_examples: int, *, epochs: int, lr: float, cfg: Config,
             optimizer.step()
         if distributed.any_process(not all(torch.isfinite(distributed.local_tensor(p)).all() for p in net.parameters())):
             return f"diverged (non-finite weights in epoch {epoch + 1})"
-        n_micro, *totals = distributed.all_sum(torch.tensor([n_micro, *sums.values()], dtype=torch.float64)).tolist()  # --- distributed
+        n_micro, *totals = distributed.all_sum(torch.tensor([n_micro, *sums.values()], dtype=torch.float64)).tolist()
         means = {k: v / n_micro for k, v in zip(sums, totals)}
         eta = (time.time() - t0) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
         log(f"[{tag}] epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
@@ -377,23 +372,24 @@ class Pairs:
 
     @torch.no_grad()
     def reference(self, net) -> torch.Tensor:
-        cfg = self.cfg
+        """log pi_ref of every answer (N,), net the reference: computed once, as the answers never
+        change. Each value comes from the process that computed it (zeros elsewhere), summed."""
         net.eval()
-        share = distributed.rank_share([range(s, min(s + cfg.eval_batch_size, len(self))) for s in range(0, len(self), cfg.eval_batch_size)])
-        with autocast(cfg):
-            computed = npo.precompute_ref_logprobs(lambda ids, lab: models.answer_logprob(net, ids, lab, cfg.logprob == "fused"),
-                                                   (self.batch(idx) for idx, _ in share)).cpu()
-        # --- distributed: each value from the process that computed it, zeros elsewhere; summed
-        logp, positions = torch.zeros(len(self)), [i for idx, mine in share if mine for i in idx]
-        logp[positions] = computed[:len(positions)]
+        size, logp = self.cfg.eval_batch_size, torch.zeros(len(self))
+        batches = [range(s, min(s + size, len(self))) for s in range(0, len(self), size)]
+        for idx, mine in distributed.rank_share(batches):
+            with autocast(self.cfg):
+                batch_logp = self.scores(net, idx).logp
+            if mine:
+                logp[list(idx)] = batch_logp.cpu()
         return distributed.all_sum(logp)
 
 
 # ----------------------------------------------------------------------------- stages
 
 def finished(path: Path, load) -> bool:
-    """Whether path holds a finished stage whose output loads; a broken one is rebuilt, with a
-    warning, never trusted and never a crash."""
+    """Whether path holds a finished stage (its done.json) whose output loads; a broken one is
+    rebuilt, with a warning, never trusted and never a crash."""
     if read_json(path / "done.json") is None:
         return False
     try:
@@ -401,7 +397,7 @@ def finished(path: Path, load) -> bool:
         return True
     except (ValueError, OSError, RuntimeError, KeyError, TypeError) as e:
         log(f"warning: {path} cannot be loaded ({type(e).__name__}: {str(e)[:100]}); rebuilding it")
-        (path / "done.json").unlink(missing_ok=True)  # --- distributed: every process may get here
+        (path / "done.json").unlink(missing_ok=True)  # every process may get here
         return False
 
 
@@ -410,18 +406,9 @@ def load_model_dir(path: Path) -> None:
     data.load_tokenizer(path)
 
 
-def finish_stage(path: Path, net, tok, info: dict) -> None:
-    whole = distributed.whole_model(net, models.GPT)  # --- distributed: on rank 0, None elsewhere
-    if whole is not None:
-        models.save_pretrained(whole, path)
-        tok.save(path)
-        write_json(path / "done.json", info)
-    distributed.barrier()  # --- distributed: written before any process looks
-
-
-def prepare_data(run: Run):
+def prepare_data(run: Run) -> None:
     """The data (generated for the built-in run), the tokenizer, and a check that every pair fits
-    the model, before any training -> the tokenizer."""
+    the model, before any training."""
     cfg = run.cfg
     if not cfg.data_dir and not finished(run.data_dir, lambda path: [data.load_split(path, s) for s in data_splits(run)]):
         tofu_style.write_tofu_style_dataset(run.data_dir, n_authors=cfg.n_authors, seed=cfg.data_seed)
@@ -453,7 +440,6 @@ def prepare_data(run: Run):
     if cfg.max_new_tokens is None and not model_dir:
         # a faithful answer ends by then, and a degenerate one need not run to TOFU's bound
         cfg.max_new_tokens = 1 + max(len(tok.encode(" " + answer)) for answer in eval_answers)
-    return tok
 
 
 def data_splits(run: Run) -> list[str]:
@@ -461,50 +447,45 @@ def data_splits(run: Run) -> list[str]:
     return ["full", run.retain_split, run.cfg.split, "real_authors", "world_facts"] + [s.data_split for s in splits]
 
 
-def build_target_and_retain(run: Run, tok, workers: int) -> None:
-    """The built-in GPT trained from scratch (or --base-model), fine-tuned on full (the target) and
-    on retainYY (the retain model)."""
-    cfg = run.cfg
-    base = Path(cfg.base_model) if cfg.base_model else run.dir / "base"
-    if not cfg.base_model and not finished(base, load_model_dir):
-        t0 = time.time()
-        torch.manual_seed(cfg.seed)
-        net = distribute(models.GPT(models.GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                                                     n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device), cfg)
-        pairs = Pairs(tok, data.PROMPT_FORMATS["qa"], base_rows(run.data_dir), cfg)
-        log(f"stage base: {net.num_params() / 1e6:.2f}M-parameter GPT from scratch on {len(pairs)} pairs")
-        status = train(net, lambda idx: nll_loss(net, pairs, idx), len(pairs), epochs=cfg.base_epochs,
-                       lr=cfg.base_lr, cfg=cfg, seed=cfg.seed, tag="base")
-        finish_stage(base, net, tok, {"status": status, "seconds": time.time() - t0})
-    jobs = [(which, split) for which, split in (("target", "full"), ("retain", run.retain_split))
-            if not (which == "retain" and (cfg.retain_model or cfg.retain_logs)) and not finished(run.dir / which, load_model_dir)]
-    parallel(finetune_job, [(cfg, str(base), which, split) for which, split in jobs], workers)
-
-
-def base_rows(data_dir) -> list[dict]:
-    """The knowledge a model has before it meets the fictitious authors."""
-    return data.load_split(data_dir, "real_authors") + data.load_split(data_dir, "world_facts")
-
-
-def nll_loss(net, pairs: Pairs, idx):
-    loss = npo.retain_nll(*pairs.scores(net, idx)[:2])
-    return loss, {"loss": loss.item()}
-
-
-def finetune_job(cfg: Config, base_dir: str, which: str, split: str) -> None:
-    setup_process(cfg)
+def model_job(cfg: Config, which: str) -> None:
+    """The model run.dir/which: "base", the built-in GPT trained from scratch on what a model knows
+    before it meets the fictitious authors (real_authors + world_facts); "target" and "retain", the
+    base model (or --base-model) fine-tuned on full and on retainYY."""
+    torch.set_num_threads(cfg.threads)
     run = Run(cfg)
     t0 = time.time()
-    net = distribute(run.load(base_dir), cfg)
-    tok, fmt = run.tokenizer(base_dir)
-    rows = data.load_split(run.data_dir, split)
-    if not cfg.base_model and cfg.mix_base:  # a tiny model otherwise overwrites what it knew
-        rows = rows + base_rows(run.data_dir)
+    known = data.load_split(run.data_dir, "real_authors") + data.load_split(run.data_dir, "world_facts")
+    if which == "base":
+        tok, fmt = data.load_tokenizer(run.dir / "tokenizer"), data.PROMPT_FORMATS["qa"]
+        torch.manual_seed(cfg.seed)
+        net = models.GPT(models.GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                                          n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device)
+        rows, epochs, lr, seed, info = known, cfg.base_epochs, cfg.base_lr, cfg.seed, {}
+        source = f"{net.num_params() / 1e6:.2f}M-parameter GPT from scratch"
+    else:
+        base_dir = cfg.base_model or str(run.dir / "base")
+        net, (tok, fmt) = run.load(base_dir), run.tokenizer(base_dir)
+        split = "full" if which == "target" else run.retain_split
+        rows = data.load_split(run.data_dir, split)
+        if not cfg.base_model and cfg.mix_base:  # a tiny model otherwise overwrites what it knew
+            rows = rows + known
+        epochs, lr, seed, info = cfg.finetune_epochs, cfg.finetune_lr, cfg.seed + 1, {"split": split}
+        source = f"fine-tune {base_dir} on {split}"
+    net = distribute(net, cfg)
     pairs = Pairs(tok, fmt, rows, cfg)  # lengths checked in prepare_data
-    log(f"stage {which}: fine-tune {base_dir} on {split} ({len(pairs)} pairs), {cfg.finetune_epochs} epochs")
-    status = train(net, lambda idx: nll_loss(net, pairs, idx), len(pairs), epochs=cfg.finetune_epochs,
-                   lr=cfg.finetune_lr, cfg=cfg, seed=cfg.seed + 1, tag=which)
-    finish_stage(run.dir / which, net, tok, {"status": status, "split": split, "seconds": time.time() - t0})
+    log(f"stage {which}: {source} ({len(pairs)} pairs), {epochs} epochs")
+
+    def nll_loss(idx):
+        loss = npo.retain_nll(*pairs.scores(net, idx)[:2])
+        return loss, {"loss": loss.item()}
+
+    status = train(net, nll_loss, len(pairs), epochs=epochs, lr=lr, cfg=cfg, seed=seed, tag=which)
+    whole = distributed.whole_model(net, models.GPT)  # on rank 0, None elsewhere
+    if whole is not None:
+        models.save_pretrained(whole, run.dir / which)
+        tok.save(run.dir / which)
+        write_json(run.dir / which / "done.json", {"status": status, **info, "seconds": time.time() - t0})
+    distributed.barrier()  # written before any process looks
 
 
 def evaluate(run: Run, net, tok, fmt, ref=None) -> dict:
@@ -517,12 +498,12 @@ def evaluate(run: Run, net, tok, fmt, ref=None) -> dict:
 
 def eval_job(cfg: Config, model_dir: str, which: str) -> None:
     """TOFU logs of the target or retain model, kept in the run directory."""
-    setup_process(cfg)
+    torch.set_num_threads(cfg.threads)
     run = Run(cfg)
     net = run.load(model_dir)
     tok, fmt = run.tokenizer(model_dir)
     t0 = time.time()
-    logs = evaluate(run, net, tok, fmt)  # --- distributed: each process a share, the whole gathered
+    logs = evaluate(run, net, tok, fmt)  # each process a share, the whole gathered
     if distributed.is_main():
         tofu_eval.write_logs(run.dir / "eval" / which, logs)
         write_json(run.dir / "eval" / which / "done.json", {"model": model_dir, "seconds": time.time() - t0})
@@ -535,14 +516,14 @@ def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
     """One method, one seed: cfg.epochs epochs from the target, TOFU metrics after each. Each epoch
     writes its logs, then its record, then the state that claims it, so a kill at any instant
     resumes (from the state) to the same records."""
-    setup_process(cfg)
+    torch.set_num_threads(cfg.threads)
     run = Run(cfg)
     out = run.dir / "unlearn" / name / f"seed{seed}"
     if finished(out, check_job_records):
         return
     method = replace(npo.get_method(name), forget_coef=cfg.forget_coef, retain_coef=cfg.retain_coef)
     net = distribute(run.load(target_dir), cfg)
-    # --- distributed: before any forward, after which FSDP keeps the root's parameters gathered
+    # made before any forward, after which FSDP keeps the root's parameters gathered
     optimizer = make_optimizer(net, cfg.lr, cfg)
     tok, fmt = run.tokenizer(target_dir)
     # pi_ref as a model only where a term needs it on changing batches (KL); frozen, in cfg.dtype
@@ -583,7 +564,7 @@ def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
         # the whole model and optimizer state, keyed by parameter name, the same from one process,
         # DDP or FSDP (on rank 0, sharded ones gathered; empty elsewhere)
         model_state, optimizer_state = get_state_dict(distributed.resharded(net), optimizer, options=distributed.WHOLE_STATE)
-        if not distributed.is_main():  # --- distributed: rank 0 writes
+        if not distributed.is_main():
             return
         record = {"method": name, "seed": seed, "epoch": epoch + 1, "status": "ok",
                   **{f"train_{k}": v for k, v in train_stats.items()},
@@ -597,16 +578,16 @@ def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
 
     status = train(net, loss_fn, len(forget), epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, seed=seed,
                    tag=f"{name} seed {seed}", start_epoch=start_epoch, optimizer=optimizer, on_epoch_end=on_epoch_end)
-    whole = distributed.whole_model(net, models.GPT) if status == "ok" else None  # --- distributed: on rank 0, None elsewhere
-    if not distributed.is_main():  # --- distributed: rank 0 writes
+    whole = distributed.whole_model(net, models.GPT) if status == "ok" else None  # on rank 0, None elsewhere
+    if not distributed.is_main():
         return
-    if status != "ok":
+    if status == "ok":
+        models.save_pretrained(whole, out / "model")
+        tok.save(out / "model")
+    else:
         log(f"[{name} seed {seed}] {status}")
         epoch = len(list(out.glob("epoch_*.json"))) + 1
         write_json(out / f"epoch_{epoch:03d}.json", {"method": name, "seed": seed, "epoch": epoch, "status": status})
-    else:
-        models.save_pretrained(whole, out / "model")
-        tok.save(out / "model")
     write_json(out / "done.json", {"status": status, "epochs": len(list(out.glob("epoch_*.json"))), "seconds": time.time() - t0})
     (out / "state.pt").unlink(missing_ok=True)  # the model is kept in out/model; the optimizer state is not needed
 
@@ -626,40 +607,35 @@ def check_job_records(out: Path, epochs: int | None = None) -> None:
 
 def resume(out: Path, net, optimizer) -> tuple[int, float] | None:
     """(epochs done, seconds spent) from out/state.pt into net and optimizer; (0, 0) for a fresh
-    start. A state that fails to load, or whose epoch records are missing, is deleted with a
-    warning, and None returned: the job restarts (net may hold part of it)."""
+    start. Records after the state's epoch are deleted: redone, identically. A state that fails to
+    load, or whose epoch records are missing, is deleted with a warning, and None returned: the job
+    restarts (net may hold part of it)."""
     out.mkdir(parents=True, exist_ok=True)
-    epoch, seconds, discard = 0, 0.0, False
-    if (out / "state.pt").exists():
-        try:
+    epoch, seconds = 0, 0.0
+    try:
+        if (out / "state.pt").exists():
             state = torch.load(out / "state.pt", map_location="cpu", weights_only=True, mmap=True)
             epoch, seconds = int(state["epoch"]), float(state["seconds"])
             check_job_records(out, epoch)
             # each process takes its part of the whole state (its shard under FSDP)
-            set_state_dict(distributed.resharded(net), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                           options=StateDictOptions(full_state_dict=True))
-        except Exception as e:  # truncated or foreign file: never trust it, never crash on it
-            log(f"warning: {out / 'state.pt'} cannot be resumed ({type(e).__name__}: {str(e)[:80]}); restarting this job")
-            discard = True
-    distributed.barrier()  # --- distributed: every process has read the files before rank 0 changes them
-    if discard:
-        if distributed.is_main():
-            (out / "state.pt").unlink()
-        return None
+            set_state_dict(distributed.resharded(net), optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    except Exception as e:  # truncated or foreign file: never trust it, never crash on it
+        log(f"warning: {out / 'state.pt'} cannot be resumed ({type(e).__name__}: {str(e)[:80]}); restarting this job")
+        epoch = None
+    distributed.barrier()  # every process has read the files before rank 0 changes them
     if distributed.is_main():
+        if epoch is None:
+            (out / "state.pt").unlink()
         for stale in out.glob("epoch_*.json"):
-            if int(stale.stem[6:]) > epoch:  # written after the last state (or a killed first epoch): redone, identically
+            if int(stale.stem[6:]) > (epoch or 0):
                 stale.unlink()
     if epoch:
         log(f"{out}: resuming after epoch {epoch}")
-    return epoch, seconds
+    return None if epoch is None else (epoch, seconds)
 
 
 # ----------------------------------------------------------------------------- processes
-
-def setup_process(cfg: Config) -> None:
-    torch.set_num_threads(cfg.threads)
-
 
 def parallel(fn, jobs: list[tuple], workers: int) -> None:
     """Run fn(*job) for every job, in `workers` processes side by side (each job writes its own
@@ -667,7 +643,7 @@ def parallel(fn, jobs: list[tuple], workers: int) -> None:
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             fn(*job)
-            distributed.barrier()  # --- distributed: a job's files are written before any process reads them
+            distributed.barrier()  # a job's files are written before any process reads them
         return
     import multiprocessing
     pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=signal.signal,
@@ -683,16 +659,28 @@ def parallel(fn, jobs: list[tuple], workers: int) -> None:
 # ----------------------------------------------------------------------------- several processes: torchrun
 
 def init_distributed(cfg: Config) -> None:
+    """Under torchrun: the process group, and --parallel auto resolved once (config.json keeps what
+    was asked): ddp where the estimate for one device fits 90% of this GPU (the rest for the CUDA
+    context and the allocator's slack), else fsdp."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
         return
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {cfg.device}: under torchrun give --device cuda (each process takes its own GPU)")
     distributed.init(cfg.device == "cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    cfg.parallel = parallel_mode(cfg)  # auto resolved once (config.json keeps what was asked)
+    if cfg.parallel == "auto":
+        fits = (cfg.device == "cpu"
+                or memory_needed(cfg)["total"] < 0.9 * torch.cuda.get_device_properties().total_memory)
+        cfg.parallel = "ddp" if fits else "fsdp"
     if cfg.parallel == "fsdp" and cfg.optimizer == "adafactor":
         raise ConfigError(f"--optimizer adafactor: torch {torch.__version__}'s Adafactor cannot step FSDP's sharded "
                           "parameters; use --optimizer adamw with FSDP")
     log(f"{dist.get_world_size()} processes, {cfg.parallel}")
+
+
+def distribute(net, cfg: Config, frozen: bool = False):
+    """net, or under torchrun net in DDP or FSDP2 as cfg.parallel says (bf16 compute from fp32
+    weights where autocast() would run)."""
+    return distributed.wrap(net, cfg.parallel, mixed_precision(cfg), frozen)
 
 
 def memory_config(cfg: Config) -> models.GPTConfig:
@@ -726,44 +714,33 @@ def print_memory_estimate(cfg: Config) -> None:
         print("FSDP, per GPU: " + ", ".join(f"{n} GPUs {memory_needed(cfg, n)['total'] / 2**30:.2f} GiB" for n in (2, 4, 8)))
 
 
-def parallel_mode(cfg: Config) -> str:
-    """--parallel; auto: ddp where the estimate for one device fits 90% of this GPU (the rest for
-    the CUDA context and the allocator's slack), else fsdp."""
-    if cfg.parallel != "auto":
-        return cfg.parallel
-    fits = not cfg.device.startswith("cuda") or memory_needed(cfg)["total"] < 0.9 * torch.cuda.get_device_properties().total_memory
-    return "ddp" if fits else "fsdp"
-
-
-def distribute(net, cfg: Config, frozen: bool = False):
-    """net, or under torchrun net in DDP or FSDP2 (bf16 compute from fp32 weights where autocast() would run)."""
-    return distributed.wrap(net, parallel_mode(cfg), mixed_precision(cfg), frozen) if dist.is_initialized() else net
-
-
 # ----------------------------------------------------------------------------- main
 
 def run_experiment(cfg: Config) -> Path:
     t_start = time.time()
-    setup_process(cfg)
+    torch.set_num_threads(cfg.threads)
     run = Run(cfg)
     if cfg.dry_run:
         print_memory_estimate(cfg)
         return run.dir
     run.claim()
-    init_distributed(cfg)  # --- distributed
+    init_distributed(cfg)
     workers = 1 if cfg.device.startswith("cuda") or dist.is_initialized() else cfg.workers
     log(f"run {run.dir}: {cfg.split}, methods {cfg.methods}, seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}, "
         f"{workers} worker(s) x {cfg.threads} thread(s), torch {torch.__version__}")
-    tok = distributed.rank0_first(prepare_data, run)  # --- distributed: rank 0 makes the data and tokenizer
+    distributed.rank0_first(prepare_data, run)  # rank 0 makes the data and tokenizer, the others read them
     if not cfg.model:
-        build_target_and_retain(run, tok, workers)
+        if not cfg.base_model and not finished(run.dir / "base", load_model_dir):
+            model_job(cfg, "base")
+        wanted = ["target"] + ([] if cfg.retain_model or cfg.retain_logs else ["retain"])
+        parallel(model_job, [(cfg, w) for w in wanted if not finished(run.dir / w, load_model_dir)], workers)
     target_dir = cfg.model or str(run.dir / "target")
     retain_dir = cfg.retain_model or str(run.dir / "retain")
     evals = [(cfg, target_dir, "target")] + ([] if cfg.retain_logs else [(cfg, retain_dir, "retain")])
     parallel(eval_job, [job for job in evals if not finished(run.dir / "eval" / job[2], tofu_eval.read_logs)], workers)
     jobs = [(cfg, target_dir, name, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds) for name in run.methods]
     parallel(unlearn_job, jobs, workers)
-    if distributed.is_main():  # --- distributed
+    if distributed.is_main():
         report.write(run)
     log(f"done in {time.time() - t_start:.0f}s: {run.dir}")
     return run.dir
@@ -779,7 +756,7 @@ def main(argv=None) -> int:
         print(f"train_tofu.py: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():  # --- distributed
+        if dist.is_initialized():
             dist.destroy_process_group()
     return 0
 
