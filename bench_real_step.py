@@ -2,7 +2,7 @@
 it with transformers, side by side on the same Llama-shaped random model.
 
     project       model.from_pretrained of the model directory; log pi_ref of the forget batch
-                  cached once before training (npo.precompute_ref_logprobs); the fused log-prob
+                  cached once before training; the fused log-prob
                   path (only answer positions reach lm_head, never the (B, T, V) logits);
                   npo.unlearning_loss("npo_rt")
     transformers  LlamaForCausalLM, as in the NPO authors' TOFU trainer: a second, frozen copy of
@@ -95,8 +95,8 @@ def project_step(cfg: BenchConfig, model_dir: str, dtype):
     net.gradient_checkpointing = cfg.grad_checkpointing
     forget = qa_batch(cfg, net.config.vocab_size, cfg.seed)
     retain = qa_batch(cfg, net.config.vocab_size, cfg.seed + 1)
-    forget_ref = npo.precompute_ref_logprobs(
-        lambda ids, labels: models.answer_logprob(net.eval(), ids, labels, fused=True), [forget[:2]])
+    with torch.no_grad():
+        forget_ref = models.answer_logprob(net.eval(), *forget[:2], fused=True)[0]
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
     method = npo.get_method("npo_rt")

@@ -13,7 +13,7 @@ Conventions:
 """
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -230,18 +230,6 @@ def unlearning_loss(method: Method, forget: Scores | None = None, retain: Scores
             stats |= {f"{name}_mean": values.mean().item(), f"{name}_min": values.min().item(),
                       f"{name}_max": values.max().item()}
     return loss, stats
-
-
-@torch.no_grad()
-def precompute_ref_logprobs(logprob_fn: Callable, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """log pi_ref(y|x) of a fixed set of sequences, computed once before unlearning: NPO and DPO
-    need pi_ref only on the forget (and IDK) answers, which never change, so the frozen model need
-    not run at every step. logprob_fn(input_ids, labels) -> (logp (B,), n (B,)) with the reference
-    model in eval mode; batches: (input_ids, labels) pairs. Returns (N,) in batch order."""
-    out = [logprob_fn(input_ids, labels)[0].float() for input_ids, labels in batches]
-    if not out:
-        raise ValueError("precompute_ref_logprobs: no batches given")
-    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------

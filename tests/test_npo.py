@@ -353,33 +353,6 @@ def test_unknown_method_lists_valid_names():
 
 
 # ---------------------------------------------------------------------------------------------
-# Cached reference log-probs
-
-
-def test_cached_reference_gives_identical_npo_loss_and_gradient():
-    torch.manual_seed(0)
-    ref = torch.nn.Sequential(torch.nn.Embedding(23, 8), torch.nn.Linear(8, 23)).eval()
-    policy = copy.deepcopy(ref)
-    with torch.no_grad():
-        for p in policy.parameters():  # some unlearning has happened
-            p.add_(0.1 * torch.randn_like(p))
-    ids = torch.randint(0, 23, (5, 7))
-    labels = ids.clone()
-    labels[:, :3] = npo.IGNORE_INDEX
-    batches = [(ids[:3], labels[:3]), (ids[3:], labels[3:])]
-    cached = npo.precompute_ref_logprobs(lambda i, lab: npo.sequence_logprob(ref(i), lab), batches)
-    assert cached.shape == (5,) and not cached.requires_grad
-    logp, _ = npo.sequence_logprob(policy(ids), labels)
-    with torch.no_grad():
-        recomputed = npo.sequence_logprob(ref(ids), labels)[0]
-    grads = [torch.autograd.grad(npo.npo_loss(logp, r, 0.5), list(policy.parameters()), retain_graph=True)
-             for r in (cached, recomputed)]
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
-    with pytest.raises(ValueError, match="no batches"):
-        npo.precompute_ref_logprobs(ref, [])
-
-
-# ---------------------------------------------------------------------------------------------
 # CUDA
 
 
