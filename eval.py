@@ -406,26 +406,20 @@ def aggregate(logs: dict, retain_logs: dict | None = None, *, where: str = "",
     def label(source, stem):
         return f"{source}/{stem}.json" if source else f"{stem}.json"
 
-    missing = [label(where, s) for s in LOG_STEMS if s not in logs]
-    if missing:
-        raise LogError(f"missing log(s) {', '.join(missing)}")
     per_split = {stem: split_metrics(logs[stem], stem, label(where, stem)) for stem in LOG_STEMS}
-    forget = logs[FORGET_STEM]
+    forget, mine = logs[FORGET_STEM], label(where, FORGET_STEM)
     out = {"Forget Quality": None, "KS Test Forget": None}
     if retain_logs is not None:
-        mine, theirs = label(where, FORGET_STEM), label(retain_where, FORGET_STEM)
-        if FORGET_STEM not in retain_logs:
-            raise LogError(f"missing log {theirs}")
-        rows, retain_rows = log_rows(forget, mine), log_rows(retain_logs[FORGET_STEM], theirs)
+        retain, theirs = retain_logs[FORGET_STEM], label(retain_where, FORGET_STEM)
+        rows, retain_rows = log_rows(forget, mine), log_rows(retain, theirs)
         if rows != retain_rows:
             raise LogError(f"{mine} has {len(rows)} rows {_span(rows)} but {theirs} has "
                            f"{len(retain_rows)} rows {_span(retain_rows)}; Forget Quality compares "
                            "the same questions (evaluate both with the same split and ds_size)")
-        split, retain_split = forget.get("split"), retain_logs[FORGET_STEM].get("split")
+        split, retain_split = forget.get("split"), retain.get("split")
         if split and retain_split and split != retain_split:
             raise LogError(f"{mine} was evaluated on {split} but {theirs} on {retain_split}")
-        stat, p = ks_2samp_exact(truth_ratios(forget, mine),
-                                 truth_ratios(retain_logs[FORGET_STEM], theirs))
+        stat, p = ks_2samp_exact(truth_ratios(forget, mine), truth_ratios(retain, theirs))
         out["Forget Quality"], out["KS Test Forget"] = p, stat
     utility = [per_split[s][k] for s in UTILITY_STEMS for k in ("Probability", "ROUGE", "Truth Ratio")]
     out["Model Utility"] = float(statistics.harmonic_mean(utility))  # 0 if any is 0, as scipy's hmean
@@ -434,8 +428,7 @@ def aggregate(logs: dict, retain_logs: dict | None = None, *, where: str = "",
             out[f"{SPLIT_NAMES[stem]} {k}"] = v
     out["Forget KL"] = None
     if "avg_kl" in forget:  # token-weighted: the mean over all forget answer tokens
-        kl, n = log_array(forget, "avg_kl", label(where, FORGET_STEM)), log_array(
-            forget, "num_token_gt", label(where, FORGET_STEM))
+        kl, n = log_array(forget, "avg_kl", mine), log_array(forget, "num_token_gt", mine)
         out["Forget KL"] = float((kl * n).sum() / n.sum())
     out["Forget Eval Split"] = forget.get("split", "unrecorded")
     out["ROUGE Scorer"] = ", ".join(sorted({str(log.get("rouge", "unrecorded")) for log in logs.values()}))
@@ -457,16 +450,11 @@ def format_table(metrics: dict) -> str:
 def read_log_file(path) -> dict:
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        log = json.loads(path.read_bytes().decode("utf-8-sig"))  # a byte-order mark from a Windows editor is fine
     except OSError as e:
         raise LogError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark from a Windows editor is fine
     except UnicodeDecodeError as e:
-        raise LogError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a "
-                       "JSON log") from None
-    try:
-        log = json.loads(text)
+        raise LogError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a JSON log") from None
     except json.JSONDecodeError as e:
         raise LogError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if not isinstance(log, dict):
@@ -562,12 +550,8 @@ def evaluate_model(model, tok, fmt, data_dir, forget_split: str, *, eval_forget_
     is scored by answer_logprob(..., fused), as in training, batch_size sequences at a time; every
     question gets a greedy generation of at most max_new_tokens tokens (None: TOFU's bound, 200
     tokens with the longest prompt), stopping at tok.eos_ids. ref_model: adds avg_kl, the mean
-    KL(pi_ref || pi_theta) per answer token, to the forget log. stems: only these logs."""
-    if ds_size < 1 or batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
-        raise ValueError(f"ds_size, batch_size and max_new_tokens must be >= 1, got "
-                         f"{ds_size}, {batch_size}, {max_new_tokens}")
-    if rouge not in ROUGE_MODES:
-        raise ValueError(f"unknown ROUGE mode {rouge!r}; expected one of {', '.join(ROUGE_MODES)}")
+    KL(pi_ref || pi_theta) per answer token, to the forget log. stems: only these logs.
+    The callers (this CLI, train_tofu.py) have checked the sizes and the ROUGE mode."""
     eval_forget_split = eval_forget_split or default_eval_forget_split(data_dir, forget_split)
     splits = [s for s in eval_splits(eval_forget_split) if stems is None or s.stem in stems]
     device, block_size, start = next(model.parameters()).device, model.config.block_size, time.time()
@@ -736,29 +720,24 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
         problems.append(f"--split must be a forget split forgetXX, e.g. forget10, got {cfg.split!r}")
     if cfg.eval_forget_split and not re.fullmatch(r"forget(0[1-9]|[1-9]\d)_perturbed", cfg.eval_forget_split):
         problems.append(f"--eval-forget-split must be forgetXX_perturbed, got {cfg.eval_forget_split!r}")
-    vocab_sizes = {}
+    vocab_sizes = {}  # of the model directories whose config reads
     for name in ("model", "retain_model", "ref_model"):
-        option_name, path = f"--{name.replace('_', '-')}", getattr(cfg, name)
-        if path and not (Path(path) / "config.json").is_file():
-            problems.append(f"{option_name}: {path!r} is not a model directory (no config.json)")
+        if not (path := getattr(cfg, name)):
             continue
         try:
-            vocab_sizes[name] = load_config(path).vocab_size if path else None
-        except ValueError as e:  # ModelError, naming the file
-            problems.append(f"{option_name}: {e}")
-            continue
-        if path and name != "ref_model" and cfg.prompt_format in ("", *data.PROMPT_FORMATS):
-            try:  # its tokenizer must read, and encode a QA pair in the prompt format
-                tok = data.load_tokenizer(path)
-            except ValueError as e:
-                problems.append(f"{option_name}: {e}")
-                continue
-            fmt = cfg.prompt_format or data.default_prompt_format(path, tok)
-            try:
-                data.encode_qa(tok, data.PROMPT_FORMATS[fmt], "Who?", "Me.")
-            except ValueError as e:
-                problems.append(f"{option_name}: prompt format {fmt!r} does not fit its tokenizer "
-                                f"({e}); choose one with --prompt-format")
+            if not (Path(path) / "config.json").is_file():
+                raise ValueError(f"{path!r} is not a model directory (no config.json)")
+            vocab_sizes[name] = load_config(path).vocab_size  # ModelError, naming the file
+            if name != "ref_model" and cfg.prompt_format in ("", *data.PROMPT_FORMATS):
+                tok = data.load_tokenizer(path)  # must read, and encode a QA pair in the prompt format
+                fmt = cfg.prompt_format or data.default_prompt_format(path, tok)
+                try:
+                    data.encode_qa(tok, data.PROMPT_FORMATS[fmt], "Who?", "Me.")
+                except ValueError as e:
+                    raise ValueError(f"prompt format {fmt!r} does not fit its tokenizer ({e}); "
+                                     "choose one with --prompt-format") from None
+        except ValueError as e:
+            problems.append(f"--{name.replace('_', '-')}: {e}")
     if vocab_sizes.get("ref_model") and vocab_sizes.get("model") not in (None, vocab_sizes["ref_model"]):
         problems.append(f"--ref-model has a vocabulary of {vocab_sizes['ref_model']} tokens, --model one of "
                         f"{vocab_sizes['model']}; the KL needs the same")
@@ -789,7 +768,7 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
         try:
             retain = read_logs(cfg.retain_logs, (FORGET_STEM,))[FORGET_STEM]
             rows = log_rows(retain, cfg.retain_logs)
-            if data_dir is not None and not problems:  # so split_ok, and forget_log_split is known
+            if not problems:  # so data_dir and forget_log_split are known
                 if why := retain_rows_mismatch(retain, rows, cfg.retain_logs, data_dir, forget_log_split, cfg.ds_size):
                     problems.append(f"--retain-logs: {why}")
         except ValueError as e:
