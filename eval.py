@@ -252,56 +252,27 @@ def _ks_pvalue_equal_sizes(n: int, h: int) -> float:
     return 2.0 * p
 
 
-def _ks_pvalue_unequal_sizes(n: int, m: int, g: int, h: int) -> float:
-    """The fraction of monotone lattice paths (0,0) -> (m,n) that touch |i*n/g - j*m/g| >= h
-    somewhere (i.e. |i/m - j/n| >= h/lcm). q[j] is the probability that a uniformly random path
-    to (i, j) has already left the band; paths reach (i, j) from (i-1, j) with probability
-    i/(i+j), so q(i,j) = (i q(i-1,j) + j q(i,j-1)) / (i+j), and q = 1 outside. Computing this
-    probability directly (not 1 minus the inside count) keeps tiny p-values accurate
-    (Viehmann 2021, arXiv:2102.08037; Hodges 1958)."""
-    if m < n:
-        n, m = m, n
-    mg, ng = m // g, n // g  # point (i, j) is inside iff |i*ng - j*mg| < h
-    q = [0.0 if j * mg < h else 1.0 for j in range(n + 1)]  # column i = 0
-    for i in range(1, m + 1):
-        lo = max((ng * i - h) // mg + 1, 0)  # first j inside
-        hi = min(-((-(ng * i + h)) // mg), n + 1)  # one past the last j inside
-        if hi <= lo:
-            return 1.0
-        column = [1.0] * (n + 1)
-        below = 1.0 if lo > 0 else 0.0  # q(i, lo-1): outside (or no such point)
-        for j in range(lo, hi):
-            below = (i * q[j] + j * below) / (i + j)
-            column[j] = below
-        q = column
-    return q[n]
-
-
 def ks_2samp_exact(x, y) -> tuple[float, float]:
     """Two-sided two-sample Kolmogorov-Smirnov test with the exact null distribution, as
-    scipy.stats.ks_2samp(x, y) computes it by default for samples up to 10,000.
+    scipy.stats.ks_2samp(x, y) computes it by default for samples up to 10,000; here for two
+    samples of the same size n, as Forget Quality compares the same rows.
 
     D = max_t |F_x(t) - F_y(t)| over all pooled points t (ECDFs right-continuous, so ties are
-    handled as scipy does). p = P(D_{n,m} >= D) under H0. Returns (D, p); (nan, nan) if any value
+    handled as scipy does). p = P(D_{n,n} >= D) under H0. Returns (D, p); (nan, nan) if any value
     is NaN."""
     x = np.sort(np.asarray(x, dtype=np.float64).ravel())
     y = np.sort(np.asarray(y, dtype=np.float64).ravel())
-    n, m = len(x), len(y)
-    if n == 0 or m == 0:
-        raise ValueError("ks_2samp_exact needs two non-empty samples")
+    n = len(x)
+    if n == 0 or len(y) != n:
+        raise ValueError(f"ks_2samp_exact needs two non-empty samples of the same size, got {n} and {len(y)}")
     if np.isnan(x).any() or np.isnan(y).any():
         return float("nan"), float("nan")
-    g = math.gcd(n, m)
-    lcm = n // g * m
     pooled = np.concatenate([x, y])
-    # ECDF difference in integer units of 1/lcm: cx/n - cy/m = (cx*(m/g) - cy*(n/g)) / lcm
-    cx = np.searchsorted(x, pooled, side="right")
-    cy = np.searchsorted(y, pooled, side="right")
-    h = int(np.abs(cx * (m // g) - cy * (n // g)).max())
+    # the ECDF difference in integer units of 1/n
+    h = int(np.abs(np.searchsorted(x, pooled, side="right") - np.searchsorted(y, pooled, side="right")).max())
     if h == 0:
         return 0.0, 1.0
-    p = _ks_pvalue_equal_sizes(n, h) if n == m else _ks_pvalue_unequal_sizes(n, m, g, h)
-    return h / lcm, min(max(p, 0.0), 1.0)
+    return h / n, min(max(_ks_pvalue_equal_sizes(n, h), 0.0), 1.0)
 
 
 # ----------------------------------------------------------------------------- logs -> metrics
