@@ -268,8 +268,9 @@ def ks_2samp_exact(x, y) -> tuple[float, float]:
     if np.isnan(x).any() or np.isnan(y).any():
         return float("nan"), float("nan")
     pooled = np.concatenate([x, y])
-    # the ECDF difference in integer units of 1/n
-    h = int(np.abs(np.searchsorted(x, pooled, side="right") - np.searchsorted(y, pooled, side="right")).max())
+    cx = np.searchsorted(x, pooled, side="right")  # n F_x at each pooled point
+    cy = np.searchsorted(y, pooled, side="right")
+    h = int(np.abs(cx - cy).max())  # D in integer units of 1/n
     if h == 0:
         return 0.0, 1.0
     return h / n, min(max(_ks_pvalue_equal_sizes(n, h), 0.0), 1.0)
@@ -757,22 +758,20 @@ def output_dir(cfg: EvalConfig) -> Path:
 def evaluate_main(argv) -> int:
     cfg = parse_config(EvalConfig, argv, "eval.py", "Evaluate a model on TOFU's four splits; write "
                        "TOFU-format logs and aggregate_stat.json. See also: eval.py aggregate --help")
-    problems = check_eval_config(cfg)
-    if problems:
+    if problems := check_eval_config(cfg):
         raise ValueError("\n".join(problems))
     data_dir, out = data.resolve_data_dir(cfg.data_dir or None), output_dir(cfg)
-    settings = dict(eval_forget_split=cfg.eval_forget_split or default_eval_forget_split(data_dir, cfg.split),
-                    ds_size=cfg.ds_size, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens or None,
-                    fused=cfg.logprob == "fused", rouge=cfg.rouge, progress=True)
+    forget_log_split = cfg.eval_forget_split or default_eval_forget_split(data_dir, cfg.split)
 
     def evaluate_dir(model_dir, ref_model=None, stems=None):
         model = from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), device=cfg.device)  # vocabularies checked
         tok = data.load_tokenizer(model_dir)
         fmt = cfg.prompt_format or data.default_prompt_format(model_dir, tok)
-        print(f"evaluating {model_dir}: prompt format {fmt}, forget log on "
-              f"{settings['eval_forget_split']}", file=sys.stderr)
-        return evaluate_model(model, tok, data.PROMPT_FORMATS[fmt], data_dir, cfg.split, **settings,
-                              ref_model=ref_model, stems=stems)
+        print(f"evaluating {model_dir}: prompt format {fmt}, forget log on {forget_log_split}", file=sys.stderr)
+        return evaluate_model(model, tok, data.PROMPT_FORMATS[fmt], data_dir, cfg.split,
+                              eval_forget_split=forget_log_split, ds_size=cfg.ds_size, batch_size=cfg.batch_size,
+                              max_new_tokens=cfg.max_new_tokens or None, fused=cfg.logprob == "fused",
+                              rouge=cfg.rouge, ref_model=ref_model, stems=stems, progress=True)
 
     ref_model = from_pretrained(cfg.ref_model, getattr(torch, cfg.dtype), cfg.device) if cfg.ref_model else None
     logs = evaluate_dir(cfg.model, ref_model=ref_model)
