@@ -252,56 +252,28 @@ def _ks_pvalue_equal_sizes(n: int, h: int) -> float:
     return 2.0 * p
 
 
-def _ks_pvalue_unequal_sizes(n: int, m: int, g: int, h: int) -> float:
-    """The fraction of monotone lattice paths (0,0) -> (m,n) that touch |i*n/g - j*m/g| >= h
-    somewhere (i.e. |i/m - j/n| >= h/lcm). q[j] is the probability that a uniformly random path
-    to (i, j) has already left the band; paths reach (i, j) from (i-1, j) with probability
-    i/(i+j), so q(i,j) = (i q(i-1,j) + j q(i,j-1)) / (i+j), and q = 1 outside. Computing this
-    probability directly (not 1 minus the inside count) keeps tiny p-values accurate
-    (Viehmann 2021, arXiv:2102.08037; Hodges 1958)."""
-    if m < n:
-        n, m = m, n
-    mg, ng = m // g, n // g  # point (i, j) is inside iff |i*ng - j*mg| < h
-    q = [0.0 if j * mg < h else 1.0 for j in range(n + 1)]  # column i = 0
-    for i in range(1, m + 1):
-        lo = max((ng * i - h) // mg + 1, 0)  # first j inside
-        hi = min(-((-(ng * i + h)) // mg), n + 1)  # one past the last j inside
-        if hi <= lo:
-            return 1.0
-        column = [1.0] * (n + 1)
-        below = 1.0 if lo > 0 else 0.0  # q(i, lo-1): outside (or no such point)
-        for j in range(lo, hi):
-            below = (i * q[j] + j * below) / (i + j)
-            column[j] = below
-        q = column
-    return q[n]
-
-
 def ks_2samp_exact(x, y) -> tuple[float, float]:
     """Two-sided two-sample Kolmogorov-Smirnov test with the exact null distribution, as
-    scipy.stats.ks_2samp(x, y) computes it by default for samples up to 10,000.
+    scipy.stats.ks_2samp(x, y) computes it by default for samples up to 10,000; here for two
+    samples of the same size n, as Forget Quality compares the same rows.
 
     D = max_t |F_x(t) - F_y(t)| over all pooled points t (ECDFs right-continuous, so ties are
-    handled as scipy does). p = P(D_{n,m} >= D) under H0. Returns (D, p); (nan, nan) if any value
+    handled as scipy does). p = P(D_{n,n} >= D) under H0. Returns (D, p); (nan, nan) if any value
     is NaN."""
     x = np.sort(np.asarray(x, dtype=np.float64).ravel())
     y = np.sort(np.asarray(y, dtype=np.float64).ravel())
-    n, m = len(x), len(y)
-    if n == 0 or m == 0:
-        raise ValueError("ks_2samp_exact needs two non-empty samples")
+    n = len(x)
+    if n == 0 or len(y) != n:
+        raise ValueError(f"ks_2samp_exact needs two non-empty samples of the same size, got {n} and {len(y)}")
     if np.isnan(x).any() or np.isnan(y).any():
         return float("nan"), float("nan")
-    g = math.gcd(n, m)
-    lcm = n // g * m
     pooled = np.concatenate([x, y])
-    # ECDF difference in integer units of 1/lcm: cx/n - cy/m = (cx*(m/g) - cy*(n/g)) / lcm
-    cx = np.searchsorted(x, pooled, side="right")
+    cx = np.searchsorted(x, pooled, side="right")  # n F_x at each pooled point
     cy = np.searchsorted(y, pooled, side="right")
-    h = int(np.abs(cx * (m // g) - cy * (n // g)).max())
+    h = int(np.abs(cx - cy).max())  # D in integer units of 1/n
     if h == 0:
         return 0.0, 1.0
-    p = _ks_pvalue_equal_sizes(n, h) if n == m else _ks_pvalue_unequal_sizes(n, m, g, h)
-    return h / lcm, min(max(p, 0.0), 1.0)
+    return h / n, min(max(_ks_pvalue_equal_sizes(n, h), 0.0), 1.0)
 
 
 # ----------------------------------------------------------------------------- logs -> metrics
@@ -406,26 +378,20 @@ def aggregate(logs: dict, retain_logs: dict | None = None, *, where: str = "",
     def label(source, stem):
         return f"{source}/{stem}.json" if source else f"{stem}.json"
 
-    missing = [label(where, s) for s in LOG_STEMS if s not in logs]
-    if missing:
-        raise LogError(f"missing log(s) {', '.join(missing)}")
     per_split = {stem: split_metrics(logs[stem], stem, label(where, stem)) for stem in LOG_STEMS}
-    forget = logs[FORGET_STEM]
+    forget, mine = logs[FORGET_STEM], label(where, FORGET_STEM)
     out = {"Forget Quality": None, "KS Test Forget": None}
     if retain_logs is not None:
-        mine, theirs = label(where, FORGET_STEM), label(retain_where, FORGET_STEM)
-        if FORGET_STEM not in retain_logs:
-            raise LogError(f"missing log {theirs}")
-        rows, retain_rows = log_rows(forget, mine), log_rows(retain_logs[FORGET_STEM], theirs)
+        retain, theirs = retain_logs[FORGET_STEM], label(retain_where, FORGET_STEM)
+        rows, retain_rows = log_rows(forget, mine), log_rows(retain, theirs)
         if rows != retain_rows:
             raise LogError(f"{mine} has {len(rows)} rows {_span(rows)} but {theirs} has "
                            f"{len(retain_rows)} rows {_span(retain_rows)}; Forget Quality compares "
                            "the same questions (evaluate both with the same split and ds_size)")
-        split, retain_split = forget.get("split"), retain_logs[FORGET_STEM].get("split")
+        split, retain_split = forget.get("split"), retain.get("split")
         if split and retain_split and split != retain_split:
             raise LogError(f"{mine} was evaluated on {split} but {theirs} on {retain_split}")
-        stat, p = ks_2samp_exact(truth_ratios(forget, mine),
-                                 truth_ratios(retain_logs[FORGET_STEM], theirs))
+        stat, p = ks_2samp_exact(truth_ratios(forget, mine), truth_ratios(retain, theirs))
         out["Forget Quality"], out["KS Test Forget"] = p, stat
     utility = [per_split[s][k] for s in UTILITY_STEMS for k in ("Probability", "ROUGE", "Truth Ratio")]
     out["Model Utility"] = float(statistics.harmonic_mean(utility))  # 0 if any is 0, as scipy's hmean
@@ -434,8 +400,7 @@ def aggregate(logs: dict, retain_logs: dict | None = None, *, where: str = "",
             out[f"{SPLIT_NAMES[stem]} {k}"] = v
     out["Forget KL"] = None
     if "avg_kl" in forget:  # token-weighted: the mean over all forget answer tokens
-        kl, n = log_array(forget, "avg_kl", label(where, FORGET_STEM)), log_array(
-            forget, "num_token_gt", label(where, FORGET_STEM))
+        kl, n = log_array(forget, "avg_kl", mine), log_array(forget, "num_token_gt", mine)
         out["Forget KL"] = float((kl * n).sum() / n.sum())
     out["Forget Eval Split"] = forget.get("split", "unrecorded")
     out["ROUGE Scorer"] = ", ".join(sorted({str(log.get("rouge", "unrecorded")) for log in logs.values()}))
@@ -457,16 +422,11 @@ def format_table(metrics: dict) -> str:
 def read_log_file(path) -> dict:
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        log = json.loads(path.read_bytes().decode("utf-8-sig"))  # a byte-order mark from a Windows editor is fine
     except OSError as e:
         raise LogError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark from a Windows editor is fine
     except UnicodeDecodeError as e:
-        raise LogError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a "
-                       "JSON log") from None
-    try:
-        log = json.loads(text)
+        raise LogError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a JSON log") from None
     except json.JSONDecodeError as e:
         raise LogError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if not isinstance(log, dict):
@@ -562,12 +522,8 @@ def evaluate_model(model, tok, fmt, data_dir, forget_split: str, *, eval_forget_
     is scored by answer_logprob(..., fused), as in training, batch_size sequences at a time; every
     question gets a greedy generation of at most max_new_tokens tokens (None: TOFU's bound, 200
     tokens with the longest prompt), stopping at tok.eos_ids. ref_model: adds avg_kl, the mean
-    KL(pi_ref || pi_theta) per answer token, to the forget log. stems: only these logs."""
-    if ds_size < 1 or batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
-        raise ValueError(f"ds_size, batch_size and max_new_tokens must be >= 1, got "
-                         f"{ds_size}, {batch_size}, {max_new_tokens}")
-    if rouge not in ROUGE_MODES:
-        raise ValueError(f"unknown ROUGE mode {rouge!r}; expected one of {', '.join(ROUGE_MODES)}")
+    KL(pi_ref || pi_theta) per answer token, to the forget log. stems: only these logs.
+    The callers (this CLI, train_tofu.py) have checked the sizes and the ROUGE mode."""
     eval_forget_split = eval_forget_split or default_eval_forget_split(data_dir, forget_split)
     splits = [s for s in eval_splits(eval_forget_split) if stems is None or s.stem in stems]
     device, block_size, start = next(model.parameters()).device, model.config.block_size, time.time()
@@ -736,29 +692,24 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
         problems.append(f"--split must be a forget split forgetXX, e.g. forget10, got {cfg.split!r}")
     if cfg.eval_forget_split and not re.fullmatch(r"forget(0[1-9]|[1-9]\d)_perturbed", cfg.eval_forget_split):
         problems.append(f"--eval-forget-split must be forgetXX_perturbed, got {cfg.eval_forget_split!r}")
-    vocab_sizes = {}
+    vocab_sizes = {}  # of the model directories whose config reads
     for name in ("model", "retain_model", "ref_model"):
-        option_name, path = f"--{name.replace('_', '-')}", getattr(cfg, name)
-        if path and not (Path(path) / "config.json").is_file():
-            problems.append(f"{option_name}: {path!r} is not a model directory (no config.json)")
+        if not (path := getattr(cfg, name)):
             continue
         try:
-            vocab_sizes[name] = load_config(path).vocab_size if path else None
-        except ValueError as e:  # ModelError, naming the file
-            problems.append(f"{option_name}: {e}")
-            continue
-        if path and name != "ref_model" and cfg.prompt_format in ("", *data.PROMPT_FORMATS):
-            try:  # its tokenizer must read, and encode a QA pair in the prompt format
-                tok = data.load_tokenizer(path)
-            except ValueError as e:
-                problems.append(f"{option_name}: {e}")
-                continue
-            fmt = cfg.prompt_format or data.default_prompt_format(path, tok)
-            try:
-                data.encode_qa(tok, data.PROMPT_FORMATS[fmt], "Who?", "Me.")
-            except ValueError as e:
-                problems.append(f"{option_name}: prompt format {fmt!r} does not fit its tokenizer "
-                                f"({e}); choose one with --prompt-format")
+            if not (Path(path) / "config.json").is_file():
+                raise ValueError(f"{path!r} is not a model directory (no config.json)")
+            vocab_sizes[name] = load_config(path).vocab_size  # ModelError, naming the file
+            if name != "ref_model" and cfg.prompt_format in ("", *data.PROMPT_FORMATS):
+                tok = data.load_tokenizer(path)  # must read, and encode a QA pair in the prompt format
+                fmt = cfg.prompt_format or data.default_prompt_format(path, tok)
+                try:
+                    data.encode_qa(tok, data.PROMPT_FORMATS[fmt], "Who?", "Me.")
+                except ValueError as e:
+                    raise ValueError(f"prompt format {fmt!r} does not fit its tokenizer ({e}); "
+                                     "choose one with --prompt-format") from None
+        except ValueError as e:
+            problems.append(f"--{name.replace('_', '-')}: {e}")
     if vocab_sizes.get("ref_model") and vocab_sizes.get("model") not in (None, vocab_sizes["ref_model"]):
         problems.append(f"--ref-model has a vocabulary of {vocab_sizes['ref_model']} tokens, --model one of "
                         f"{vocab_sizes['model']}; the KL needs the same")
@@ -789,7 +740,7 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
         try:
             retain = read_logs(cfg.retain_logs, (FORGET_STEM,))[FORGET_STEM]
             rows = log_rows(retain, cfg.retain_logs)
-            if data_dir is not None and not problems:  # so split_ok, and forget_log_split is known
+            if not problems:  # so data_dir and forget_log_split are known
                 if why := retain_rows_mismatch(retain, rows, cfg.retain_logs, data_dir, forget_log_split, cfg.ds_size):
                     problems.append(f"--retain-logs: {why}")
         except ValueError as e:
@@ -807,22 +758,20 @@ def output_dir(cfg: EvalConfig) -> Path:
 def evaluate_main(argv) -> int:
     cfg = parse_config(EvalConfig, argv, "eval.py", "Evaluate a model on TOFU's four splits; write "
                        "TOFU-format logs and aggregate_stat.json. See also: eval.py aggregate --help")
-    problems = check_eval_config(cfg)
-    if problems:
+    if problems := check_eval_config(cfg):
         raise ValueError("\n".join(problems))
     data_dir, out = data.resolve_data_dir(cfg.data_dir or None), output_dir(cfg)
-    settings = dict(eval_forget_split=cfg.eval_forget_split or default_eval_forget_split(data_dir, cfg.split),
-                    ds_size=cfg.ds_size, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens or None,
-                    fused=cfg.logprob == "fused", rouge=cfg.rouge, progress=True)
+    forget_log_split = cfg.eval_forget_split or default_eval_forget_split(data_dir, cfg.split)
 
     def evaluate_dir(model_dir, ref_model=None, stems=None):
         model = from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), device=cfg.device)  # vocabularies checked
         tok = data.load_tokenizer(model_dir)
         fmt = cfg.prompt_format or data.default_prompt_format(model_dir, tok)
-        print(f"evaluating {model_dir}: prompt format {fmt}, forget log on "
-              f"{settings['eval_forget_split']}", file=sys.stderr)
-        return evaluate_model(model, tok, data.PROMPT_FORMATS[fmt], data_dir, cfg.split, **settings,
-                              ref_model=ref_model, stems=stems)
+        print(f"evaluating {model_dir}: prompt format {fmt}, forget log on {forget_log_split}", file=sys.stderr)
+        return evaluate_model(model, tok, data.PROMPT_FORMATS[fmt], data_dir, cfg.split,
+                              eval_forget_split=forget_log_split, ds_size=cfg.ds_size, batch_size=cfg.batch_size,
+                              max_new_tokens=cfg.max_new_tokens or None, fused=cfg.logprob == "fused",
+                              rouge=cfg.rouge, ref_model=ref_model, stems=stems, progress=True)
 
     ref_model = from_pretrained(cfg.ref_model, getattr(torch, cfg.dtype), cfg.device) if cfg.ref_model else None
     logs = evaluate_dir(cfg.model, ref_model=ref_model)

@@ -12,14 +12,19 @@ import data
 import eval as tofu_eval
 
 
-def job_records(run_dir: Path, methods: list[str]) -> dict:
-    """{method: {seed: [epoch records in order]}} of the run's unlearning jobs, methods in order."""
+def job_records(run_dir: Path, methods: list[str], vocab: set[str]) -> dict:
+    """{method: {seed: [epoch records in order]}} of the run's unlearning jobs, methods in order;
+    the last record of a job that ended "ok" gains the degeneracy of its final generations."""
     jobs = {}
     for name in methods:
         for job in sorted((run_dir / "unlearn" / name).glob("seed*"), key=lambda p: int(p.name[4:])):
             records = [json.loads(p.read_text()) for p in sorted(job.glob("epoch_*.json"))]
-            if records:
-                jobs.setdefault(name, {})[int(job.name[4:])] = records
+            if not records:
+                continue
+            if records[-1]["status"] == "ok" and (job / "logs").exists():
+                logs = tofu_eval.read_logs(job / "logs", (tofu_eval.FORGET_STEM,))
+                records[-1].update(tofu_eval.degeneracy(logs, vocab))
+            jobs.setdefault(name, {})[int(job.name[4:])] = records
     return jobs
 
 
@@ -47,17 +52,10 @@ def write(run) -> None:
             logs = tofu_eval.read_logs(run_dir / "eval" / which)
             reference[which] = {"method": which, "epoch": 0, "status": "ok", **tofu_eval.aggregate(logs, retain_logs),
                                 **tofu_eval.degeneracy(logs, vocab)}
-    target_mu = reference["target"]["Model Utility"]
-    jobs = job_records(run_dir, run.methods)
-    for name, seeds in jobs.items():  # degeneracy of the final generations
-        for seed, records in seeds.items():
-            logs_dir = run_dir / "unlearn" / name / f"seed{seed}" / "logs"
-            if records[-1]["status"] == "ok" and logs_dir.exists():
-                records[-1].update(tofu_eval.degeneracy(tofu_eval.read_logs(logs_dir, (tofu_eval.FORGET_STEM,)), vocab))
-
+    jobs = job_records(run_dir, run.methods, vocab)
     lines = list(reference.values()) + [r for seeds in jobs.values() for records in seeds.values() for r in records]
     data.write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
-    summary = summarize(run, reference, jobs, target_mu)
+    summary = summarize(run, reference, jobs)
     data.write_atomic(run_dir / "summary.md", summary)
     print(summary)
     plot_frontier(run_dir / "frontier.png", reference, jobs, cfg.split)
@@ -65,8 +63,8 @@ def write(run) -> None:
     samples(run_dir, jobs, cfg.seed)
 
 
-def summarize(run, reference: dict, jobs: dict, target_mu: float) -> str:
-    cfg = run.cfg
+def summarize(run, reference: dict, jobs: dict) -> str:
+    cfg, target_mu = run.cfg, reference["target"]["Model Utility"]
     n_seeds = max((len(s) for s in jobs.values()), default=0)
     md = [f"# TOFU unlearning, {cfg.split}: {run.dir.name}", "",
           f"Data: {cfg.data_dir or f'built-in TOFU-style data, {cfg.n_authors} authors (seed {cfg.data_seed})'}. "
