@@ -4,7 +4,8 @@
 CPU: processes talking through gloo). They go through every stage together, on the same files:
 each computes a share (micro-batches of a step, batches of the reference log-probs and of each
 evaluation), the results are summed or gathered, and rank 0 alone writes files and prints. In a
-single process every function here is a no-op, so the training script reads the same either way.
+single process every function here is a no-op, so the training script reads the same either way;
+its lines that use them are marked "--- distributed".
 """
 
 import contextlib

@@ -215,7 +215,7 @@ def methods_of(cfg: Config) -> list[str]:
 # ----------------------------------------------------------------------------- small utilities
 
 def log(message: str) -> None:
-    if distributed.is_main():  # rank 0 speaks for all
+    if distributed.is_main():  # --- distributed: rank 0 speaks for all
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
@@ -319,14 +319,14 @@ def train(net, loss_fn, n_examples: int, *, epochs: int, lr: float, cfg: Config,
             batch = orders[epoch][step * cfg.batch_size:(step + 1) * cfg.batch_size]
             micro_batches = [batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)]
             optimizer.zero_grad(set_to_none=True)
-            share = distributed.rank_share(micro_batches)  # as many on every process
+            share = distributed.rank_share(micro_batches)  # --- distributed: as many on every process
             for call, (idx, mine) in enumerate(share):
-                with distributed.skip_gradient_sync(net, call < len(share) - 1):
+                with distributed.skip_gradient_sync(net, call < len(share) - 1):  # --- distributed
                     with autocast(cfg):
                         loss, stats = loss_fn(idx)
-                    if distributed.any_process(not math.isfinite(stats["loss"])):  # all stop together
+                    if distributed.any_process(not math.isfinite(stats["loss"])):  # --- distributed: all stop together
                         return f"diverged (non-finite loss at epoch {epoch + 1}, step {step + 1})"
-                    # DDP and FSDP average over processes; a stand-in weighs 0
+                    # --- distributed: DDP and FSDP average over processes; a stand-in weighs 0
                     (loss * (distributed.world_size() * mine) / len(micro_batches)).backward()
                 sums = {k: sums.get(k, 0.0) + mine * v for k, v in stats.items()}
                 n_micro += mine
@@ -334,7 +334,7 @@ def train(net, loss_fn, n_examples: int, *, epochs: int, lr: float, cfg: Config,
             optimizer.step()
         if distributed.any_process(not all(torch.isfinite(distributed.local_tensor(p)).all() for p in net.parameters())):
             return f"diverged (non-finite weights in epoch {epoch + 1})"
-        n_micro, *totals = distributed.all_sum(torch.tensor([n_micro, *sums.values()], dtype=torch.float64)).tolist()
+        n_micro, *totals = distributed.all_sum(torch.tensor([n_micro, *sums.values()], dtype=torch.float64)).tolist()  # --- distributed
         means = {k: v / n_micro for k, v in zip(sums, totals)}
         eta = (time.time() - t0) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
         log(f"[{tag}] epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
@@ -377,7 +377,7 @@ class Pairs:
         net.eval()
         size, logp = self.cfg.eval_batch_size, torch.zeros(len(self))
         batches = [range(s, min(s + size, len(self))) for s in range(0, len(self), size)]
-        for idx, mine in distributed.rank_share(batches):
+        for idx, mine in distributed.rank_share(batches):  # --- distributed: a share each, summed below
             with autocast(self.cfg):
                 batch_logp = self.scores(net, idx).logp
             if mine:
@@ -397,7 +397,7 @@ def finished(path: Path, load) -> bool:
         return True
     except (ValueError, OSError, RuntimeError, KeyError, TypeError) as e:
         log(f"warning: {path} cannot be loaded ({type(e).__name__}: {str(e)[:100]}); rebuilding it")
-        (path / "done.json").unlink(missing_ok=True)  # every process may get here
+        (path / "done.json").unlink(missing_ok=True)  # --- distributed: every process may get here
         return False
 
 
@@ -480,12 +480,12 @@ def model_job(cfg: Config, which: str) -> None:
         return loss, {"loss": loss.item()}
 
     status = train(net, nll_loss, len(pairs), epochs=epochs, lr=lr, cfg=cfg, seed=seed, tag=which)
-    whole = distributed.whole_model(net, models.GPT)  # on rank 0, None elsewhere
+    whole = distributed.whole_model(net, models.GPT)  # --- distributed: on rank 0, None elsewhere
     if whole is not None:
         models.save_pretrained(whole, run.dir / which)
         tok.save(run.dir / which)
         write_json(run.dir / which / "done.json", {"status": status, **info, "seconds": time.time() - t0})
-    distributed.barrier()  # written before any process looks
+    distributed.barrier()  # --- distributed: written before any process looks
 
 
 def evaluate(run: Run, net, tok, fmt, ref=None) -> dict:
@@ -503,7 +503,7 @@ def eval_job(cfg: Config, model_dir: str, which: str) -> None:
     net = run.load(model_dir)
     tok, fmt = run.tokenizer(model_dir)
     t0 = time.time()
-    logs = evaluate(run, net, tok, fmt)  # each process a share, the whole gathered
+    logs = evaluate(run, net, tok, fmt)  # --- distributed: each process a share, the whole gathered
     if distributed.is_main():
         tofu_eval.write_logs(run.dir / "eval" / which, logs)
         write_json(run.dir / "eval" / which / "done.json", {"model": model_dir, "seconds": time.time() - t0})
@@ -523,7 +523,7 @@ def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
         return
     method = replace(npo.get_method(name), forget_coef=cfg.forget_coef, retain_coef=cfg.retain_coef)
     net = distribute(run.load(target_dir), cfg)
-    # made before any forward, after which FSDP keeps the root's parameters gathered
+    # --- distributed: made before any forward, after which FSDP keeps the root's parameters gathered
     optimizer = make_optimizer(net, cfg.lr, cfg)
     tok, fmt = run.tokenizer(target_dir)
     # pi_ref as a model only where a term needs it on changing batches (KL); frozen, in cfg.dtype
@@ -564,7 +564,7 @@ def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
         # the whole model and optimizer state, keyed by parameter name, the same from one process,
         # DDP or FSDP (on rank 0, sharded ones gathered; empty elsewhere)
         model_state, optimizer_state = get_state_dict(distributed.resharded(net), optimizer, options=distributed.WHOLE_STATE)
-        if not distributed.is_main():
+        if not distributed.is_main():  # --- distributed: rank 0 writes
             return
         record = {"method": name, "seed": seed, "epoch": epoch + 1, "status": "ok",
                   **{f"train_{k}": v for k, v in train_stats.items()},
@@ -578,8 +578,8 @@ def unlearn_job(cfg: Config, target_dir: str, name: str, seed: int) -> None:
 
     status = train(net, loss_fn, len(forget), epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, seed=seed,
                    tag=f"{name} seed {seed}", start_epoch=start_epoch, optimizer=optimizer, on_epoch_end=on_epoch_end)
-    whole = distributed.whole_model(net, models.GPT) if status == "ok" else None  # on rank 0, None elsewhere
-    if not distributed.is_main():
+    whole = distributed.whole_model(net, models.GPT) if status == "ok" else None  # --- distributed: on rank 0, None elsewhere
+    if not distributed.is_main():  # --- distributed: rank 0 writes
         return
     if status == "ok":
         models.save_pretrained(whole, out / "model")
@@ -623,7 +623,7 @@ def resume(out: Path, net, optimizer) -> tuple[int, float] | None:
     except Exception as e:  # truncated or foreign file: never trust it, never crash on it
         log(f"warning: {out / 'state.pt'} cannot be resumed ({type(e).__name__}: {str(e)[:80]}); restarting this job")
         epoch = None
-    distributed.barrier()  # every process has read the files before rank 0 changes them
+    distributed.barrier()  # --- distributed: every process has read the files before rank 0 changes them
     if distributed.is_main():
         if epoch is None:
             (out / "state.pt").unlink()
@@ -643,7 +643,7 @@ def parallel(fn, jobs: list[tuple], workers: int) -> None:
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             fn(*job)
-            distributed.barrier()  # a job's files are written before any process reads them
+            distributed.barrier()  # --- distributed: a job's files are written before any process reads them
         return
     import multiprocessing
     pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=signal.signal,
@@ -724,11 +724,11 @@ def run_experiment(cfg: Config) -> Path:
         print_memory_estimate(cfg)
         return run.dir
     run.claim()
-    init_distributed(cfg)
+    init_distributed(cfg)  # --- distributed
     workers = 1 if cfg.device.startswith("cuda") or dist.is_initialized() else cfg.workers
     log(f"run {run.dir}: {cfg.split}, methods {cfg.methods}, seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}, "
         f"{workers} worker(s) x {cfg.threads} thread(s), torch {torch.__version__}")
-    distributed.rank0_first(prepare_data, run)  # rank 0 makes the data and tokenizer, the others read them
+    distributed.rank0_first(prepare_data, run)  # --- distributed: rank 0 makes the data and tokenizer, the others read them
     if not cfg.model:
         if not cfg.base_model and not finished(run.dir / "base", load_model_dir):
             model_job(cfg, "base")
@@ -740,7 +740,7 @@ def run_experiment(cfg: Config) -> Path:
     parallel(eval_job, [job for job in evals if not finished(run.dir / "eval" / job[2], tofu_eval.read_logs)], workers)
     jobs = [(cfg, target_dir, name, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds) for name in run.methods]
     parallel(unlearn_job, jobs, workers)
-    if distributed.is_main():
+    if distributed.is_main():  # --- distributed
         report.write(run)
     log(f"done in {time.time() - t_start:.0f}s: {run.dir}")
     return run.dir
@@ -756,7 +756,7 @@ def main(argv=None) -> int:
         print(f"train_tofu.py: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized():  # --- distributed
             dist.destroy_process_group()
     return 0
 
