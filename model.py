@@ -8,6 +8,7 @@ biases, block layout); the defaults are the project's from-scratch GPT.
     answer_logprob, answer_kl per-sequence answer log-probs and KL(ref || theta), through npo
     from_pretrained           a Hugging Face model directory (config.json + safetensors) -> GPT
     save_pretrained           GPT -> a directory that transformers' AutoModelForCausalLM loads
+    load_checkpoint           the from-scratch GPT's earlier single-file format (npo-gpt-v1)
     memory_estimate           bytes for weights, gradients, optimizer state, activations
 """
 
@@ -15,7 +16,7 @@ import json
 import math
 import mmap
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -685,3 +686,30 @@ def format_memory(estimate: dict) -> str:
     """The estimate as a small table in GiB, for a --dry-run."""
     return "\n".join(f"{name:<12} {nbytes / 2**30:8.2f} GiB" for name, nbytes in estimate.items())
 
+
+# ----------------------------------------------------------------------------- npo-gpt-v1 files
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a from-scratch GPT saved in the project's earlier single-file format, npo-gpt-v1 (a
+    torch.save'd dict: format, model_config, model = the state_dict, tokenizer, train_config,
+    ...) -> (model, checkpoint dict). Config fields added since then take their defaults."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a missing file, or unpickling errors of many types
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint: {first_line}") from None
+    found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if found != "npo-gpt-v1":
+        raise ModelError(f"{path} has format {found!r}, expected 'npo-gpt-v1' (a bare state_dict?)")
+    stored, state = ckpt.get("model_config"), ckpt.get("model")
+    names = {f.name for f in fields(GPTConfig)}
+    if not isinstance(stored, dict) or not set(stored) <= names or not isinstance(state, dict):
+        raise ModelError(f"{path}: expected a model_config dict with fields among {sorted(names)} "
+                         f"and a state_dict under 'model'")
+    model = GPT(GPTConfig(**stored))
+    try:
+        model.load_state_dict(state)  # copies into the tied parameters; tying survives
+    except RuntimeError as e:  # torch's message lists missing, unexpected and misshapen tensors
+        raise ModelError(f"{path}: weights do not match model_config {stored}: {e}") from None
+    return model.to(map_location), ckpt

@@ -1,5 +1,5 @@
 """The model without Hugging Face: architecture, KV-cache generation against naive decoding,
-gradient checkpointing, the answer log-prob / KL helpers, the memory estimate.
+gradient checkpointing, the answer log-prob / KL helpers, the memory estimate, npo-gpt-v1 files.
 (The Hugging Face families against transformers are in test_hf_models.py.)"""
 import math
 
@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import npo
-from model import GPT, GPTConfig, ModelError, answer_kl, answer_logprob, memory_estimate
+from model import (GPT, GPTConfig, ModelError, answer_kl, answer_logprob, load_checkpoint,
+                   memory_estimate)
 
 TINY = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
 # Llama-3-like: RMSNorm, SwiGLU, RoPE with llama3 scaling, grouped-query attention, no biases
@@ -338,6 +339,49 @@ def test_memory_estimate_against_a_real_step(config):
     assert ckpt["activations"] < est["activations"]
     with pytest.raises(ModelError, match="optimizer 'lion'"):
         memory_estimate(config, B, T, torch.float32, "lion")
+
+
+# --------------------------------------------------------------------------- npo-gpt-v1 files
+
+OLD_CONFIG = dict(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+
+
+def write_old_checkpoint(path, net, **changes):
+    """The single-file format the project wrote before it read Hugging Face models: a config of
+    seven fields and a state_dict with nanoGPT's names."""
+    ckpt = {"format": "npo-gpt-v1", "model_config": dict(OLD_CONFIG), "model": net.state_dict(),
+            "tokenizer": {"name": "npo-bpe"}, "train_config": {"lr": 1e-3}, "step": 7, "extra": {}}
+    ckpt.update(changes)
+    torch.save(ckpt, path)
+
+
+def test_old_checkpoint_loads(tmp_path):
+    model = sharp_model(dtype=torch.float32)
+    write_old_checkpoint(tmp_path / "ckpt.pt", model)
+    loaded, ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert loaded.config == TINY and ckpt["step"] == 7 and ckpt["tokenizer"] == {"name": "npo-bpe"}
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    idx = torch.randint(0, TINY.vocab_size, (2, 9))
+    assert torch.equal(loaded.eval()(idx), model(idx))
+
+
+def test_checkpoint_missing_foreign_and_mismatched_files(tmp_path):
+    with pytest.raises(ModelError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    with pytest.raises(ModelError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "notes.txt")
+    torch.save(GPT(TINY).state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(ModelError, match="expected 'npo-gpt-v1'"):
+        load_checkpoint(tmp_path / "bare.pt")
+    state = GPT(TINY).state_dict()
+    state["transformer.wpe.weight"] = torch.zeros(32, 32)  # block_size 32, config says 64
+    del state["transformer.ln_f.bias"]
+    write_old_checkpoint(tmp_path / "bad.pt", GPT(TINY), model=state)
+    with pytest.raises(ModelError) as e:
+        load_checkpoint(tmp_path / "bad.pt")
+    assert "transformer.wpe.weight: copying a param with shape torch.Size([32, 32])" in str(e.value)
+    assert 'Missing key(s) in state_dict: "transformer.ln_f.bias"' in str(e.value)
 
 
 # --------------------------------------------------------------------------- CUDA
