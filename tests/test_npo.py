@@ -6,7 +6,6 @@ with the plain path run on the SAME bf16 inputs (the logits computed in bf16, th
 as a bf16 model's lm_head output would be), so they measure the fused path's error, not bf16's.
 """
 
-import copy
 import math
 
 import pytest
