@@ -679,6 +679,7 @@ _SPLIT_KINDS = {
 }
 _OPTIONAL_FIELDS = {"paraphrased_question": str, "option1": str, "option2": str, "option3": str, "option4": str}
 IDK_FILE = "idontknow.jsonl"
+FORGET_SPLIT = r"forget(0[1-9]|[1-9]\d)"  # a forget split's name: forget01 ... forget99
 
 
 def _required_fields(name: str) -> dict[str, type] | None:
@@ -771,10 +772,9 @@ def load_idk(data_dir) -> list[str]:
 
 def retain_split_for(forget_split: str) -> str:
     """TOFU's retain split that complements a forget split: "forget10" -> "retain90"."""
-    m = re.fullmatch(r"forget(\d\d)", forget_split)
-    if not m or not 0 < int(m.group(1)) < 100:
+    if not re.fullmatch(FORGET_SPLIT, forget_split):
         raise ValueError(f"expected a forget split named forgetXX with XX in 01..99, got {forget_split!r}")
-    return f"retain{100 - int(m.group(1)):02d}"
+    return f"retain{100 - int(forget_split[6:]):02d}"
 
 
 def resolve_data_dir(value: str | None) -> Path | None:

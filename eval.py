@@ -687,10 +687,10 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
         if getattr(cfg, name) and getattr(cfg, name) not in allowed:
             problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                             f"got {getattr(cfg, name)!r}")
-    split_ok = re.fullmatch(r"forget(0[1-9]|[1-9]\d)", cfg.split)
+    split_ok = re.fullmatch(data.FORGET_SPLIT, cfg.split)
     if not split_ok:
         problems.append(f"--split must be a forget split forgetXX, e.g. forget10, got {cfg.split!r}")
-    if cfg.eval_forget_split and not re.fullmatch(r"forget(0[1-9]|[1-9]\d)_perturbed", cfg.eval_forget_split):
+    if cfg.eval_forget_split and not re.fullmatch(data.FORGET_SPLIT + "_perturbed", cfg.eval_forget_split):
         problems.append(f"--eval-forget-split must be forgetXX_perturbed, got {cfg.eval_forget_split!r}")
     vocab_sizes = {}  # of the model directories whose config reads
     for name in ("model", "retain_model", "ref_model"):

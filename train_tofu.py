@@ -160,7 +160,7 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.n_head < 1 or cfg.n_embd % cfg.n_head == 0, f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
     need(cfg.micro_batch_size < 1 or cfg.batch_size % cfg.micro_batch_size == 0,
          f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
-    split_ok = re.fullmatch(r"forget(0[1-9]|[1-9]\d)", cfg.split)
+    split_ok = re.fullmatch(data.FORGET_SPLIT, cfg.split)
     need(split_ok, f"--split {cfg.split!r}: expected forgetXX, e.g. forget10")
     need(not split_ok or cfg.data_dir or int(cfg.split[6:]) in tofu_style.FORGET_PERCENTS,
          f"--split {cfg.split}: the built-in data has {', '.join(f'forget{p:02d}' for p in tofu_style.FORGET_PERCENTS)}")
@@ -454,13 +454,16 @@ def model_job(cfg: Config, which: str) -> None:
     torch.set_num_threads(cfg.threads)
     run = Run(cfg)
     t0 = time.time()
-    known = data.load_split(run.data_dir, "real_authors") + data.load_split(run.data_dir, "world_facts")
+
+    def known():  # what a model knows before it meets the fictitious authors
+        return data.load_split(run.data_dir, "real_authors") + data.load_split(run.data_dir, "world_facts")
+
     if which == "base":
         tok, fmt = data.load_tokenizer(run.dir / "tokenizer"), data.PROMPT_FORMATS["qa"]
         torch.manual_seed(cfg.seed)
         net = models.GPT(models.GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
                                           n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device)
-        rows, epochs, lr, seed, info = known, cfg.base_epochs, cfg.base_lr, cfg.seed, {}
+        rows, epochs, lr, seed, info = known(), cfg.base_epochs, cfg.base_lr, cfg.seed, {}
         source = f"{net.num_params() / 1e6:.2f}M-parameter GPT from scratch"
     else:
         base_dir = cfg.base_model or str(run.dir / "base")
@@ -468,7 +471,7 @@ def model_job(cfg: Config, which: str) -> None:
         split = "full" if which == "target" else run.retain_split
         rows = data.load_split(run.data_dir, split)
         if not cfg.base_model and cfg.mix_base:  # a tiny model otherwise overwrites what it knew
-            rows = rows + known
+            rows = rows + known()
         epochs, lr, seed, info = cfg.finetune_epochs, cfg.finetune_lr, cfg.seed + 1, {"split": split}
         source = f"fine-tune {base_dir} on {split}"
     net = distribute(net, cfg)
